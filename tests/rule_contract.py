@@ -1,0 +1,87 @@
+"""The tests every rule gets for free: subclass :class:`RuleContract` and set the class attributes.
+
+A new rule's test file is typically::
+
+    class TestMyRule(RuleContract):
+        rule = "my-rule"
+        accuracy_floor = 0.78
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from localcredit.experiment import RunSpec, build_rule
+from localcredit.train import TrainConfig, Trainer
+
+from .conftest import subset
+
+
+class RuleContract:
+    rule: str = ""
+    options: list[str] = []
+    hidden: list[int] = [256, 256]
+    #: accuracy on 2k Fashion-MNIST test images after ``learn_epochs`` on 10k training images
+    accuracy_floor: float = 0.75
+    learn_epochs: int = 2
+    learn_hidden: list[int] = [1000]
+    learn_options: list[str] | None = None  # defaults to ``options``
+    lr: float | None = None
+    supports_conv: bool = True
+
+    def make(self, data, seed=0, arch=None, hidden=None, options=None):
+        spec = RunSpec(rule=self.rule, data=data.name, arch=arch, hidden=self.hidden if hidden is None else hidden,
+                       options=self.options if options is None else options, seed=seed, lr=self.lr)
+        return build_rule(spec, data)
+
+    def batch(self, data, n=64, offset=0):
+        return data.x_train[offset:offset + n], data.y_train[offset:offset + n]
+
+    def test_step_reports_finite_loss_and_changes_weights(self, fashion_small):
+        rule = self.make(fashion_small)
+        before = [p.detach().clone() for p in rule.net.parameters()]
+        stats = rule.step(*self.batch(fashion_small))
+        assert math.isfinite(stats["loss"])
+        changed = [not torch.equal(b, p) for b, p in zip(before, rule.net.parameters())]
+        assert all(changed), "every network parameter should move after one step"
+
+    def test_update_directions_one_per_block_with_block_size(self, fashion_small):
+        rule = self.make(fashion_small)
+        directions = rule.update_directions(*self.batch(fashion_small))
+        assert len(directions) == len(rule.net.layers)
+        for direction, layer in zip(directions, rule.net.layers):
+            assert direction.numel() == sum(p.numel() for p in layer.parameters())
+            assert torch.isfinite(direction).all() and direction.abs().sum() > 0
+
+    def test_same_seed_same_result(self, fashion_small):
+        def run(seed):
+            rule = self.make(fashion_small, seed=seed)
+            for i in range(3):
+                rule.step(*self.batch(fashion_small, offset=64 * i))
+            return torch.cat([p.detach().reshape(-1) for p in rule.net.parameters()])
+
+        first, second = run(0), run(0)
+        assert torch.equal(first, second)
+        assert not torch.equal(first, run(1))
+
+    def test_conv_network_steps(self, fashion_small):
+        if not self.supports_conv:
+            pytest.skip(f"{self.rule} does not support conv networks")
+        rule = self.make(fashion_small, arch="conv", hidden=[64])
+        stats = rule.step(*self.batch(fashion_small, n=32))
+        assert math.isfinite(stats["loss"])
+        assert len(rule.update_directions(*self.batch(fashion_small, n=32))) == len(rule.net.layers)
+
+    def test_learns_fashion_mnist(self, fashion_small):
+        data = fashion_small
+        options = self.options if self.learn_options is None else self.learn_options
+        rule = self.make(data, hidden=self.learn_hidden, options=options)
+        trainer = Trainer(rule, data, TrainConfig(epochs=self.learn_epochs, batch_size=128, progress=False))
+        result = trainer.fit()
+        assert result["test_accuracy"] >= self.accuracy_floor, result["test_accuracy_per_epoch"]
+
+
+__all__ = ["RuleContract", "subset"]

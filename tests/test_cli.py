@@ -1,0 +1,131 @@
+"""The command line: user errors exit 2 with one line and write nothing; the happy paths work."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from localcredit.cli import main
+
+
+def write_npz(path, n_train=200, n_test=50, shape=(8, 8), classes=3, **overrides):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.random((n_train, *shape), dtype=np.float32),
+              "y_train": rng.integers(0, classes, n_train),
+              "x_test": rng.random((n_test, *shape), dtype=np.float32),
+              "y_test": rng.integers(0, classes, n_test)}
+    arrays.update(overrides)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return f"npz:{path}"
+
+
+def one_line_error(capsys, argv, expect):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and expect in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def good_npz(tmp_path):
+    return write_npz(tmp_path / "good.npz")
+
+
+BAD_INPUTS = {
+    "unknown rule": (["train", "--rule", "nope", "--data", "fashion-mnist"], "unknown rule"),
+    "unknown dataset": (["train", "--rule", "bp", "--data", "imagenet-22k"], "imagenet-22k"),
+    "malformed hidden": (["train", "--rule", "bp", "--data", "fashion-mnist", "--hidden", "10,x"], "--hidden"),
+    "negative hidden": (["train", "--rule", "bp", "--data", "fashion-mnist", "--hidden", "-5"], "--hidden"),
+    "unknown option": (["train", "--rule", "fa", "--data", "fashion-mnist", "--set", "colour=red"], "colour"),
+    "bad option value": (["train", "--rule", "fa", "--data", "fashion-mnist", "--set", "init=cauchy"], "init"),
+    "option without =": (["train", "--rule", "fa", "--data", "fashion-mnist", "--set", "init"], "key=value"),
+    "bad epochs": (["train", "--rule", "bp", "--data", "fashion-mnist", "--epochs", "0"], "--epochs"),
+    "bad optimizer": (["train", "--rule", "bp", "--data", "fashion-mnist", "--optimizer", "lbfgs"], "optimizer"),
+    "bad arch": (["train", "--rule", "bp", "--data", "fashion-mnist", "--arch", "resnet"], "arch"),
+    "no command": ([], "required"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line(case, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv, expect = BAD_INPUTS[case]
+    one_line_error(capsys, argv, expect)
+    assert not (tmp_path / "runs").exists(), "nothing may be written on a user error"
+
+
+@pytest.mark.parametrize("case,overrides,expect", [
+    ("missing key", {"y_test": None}, "y_test"),
+    ("label out of range", {"y_test": np.full(50, 7), "num_classes": np.array(3)}, "label"),
+    ("negative label", {"y_train": np.full(200, -1)}, "label"),
+    ("wrong shapes", {"x_test": np.zeros((50, 9, 9), np.float32)}, "shape"),
+    ("length mismatch", {"y_train": np.zeros(10, np.int64)}, "y_train"),
+])
+def test_bad_npz_exits_2(case, overrides, expect, capsys, tmp_path):
+    data = write_npz(tmp_path / "bad.npz", **overrides)
+    out = tmp_path / "out"
+    one_line_error(capsys, ["train", "--rule", "bp", "--data", data, "--out", str(out)], expect)
+    assert not out.exists()
+
+
+def test_missing_files_exit_2(capsys, tmp_path):
+    one_line_error(capsys, ["train", "--rule", "bp", "--data", f"npz:{tmp_path}/absent.npz"], "absent.npz")
+    one_line_error(capsys, ["train", "--rule", "bp", "--data", "cifar10", "--data-root", str(tmp_path)], "cifar")
+    one_line_error(capsys, ["train", "--rule", "bp", "--data", "fashion-mnist", "--data-root", str(tmp_path)],
+                   str(tmp_path))
+
+
+def test_conv_on_vectors_exits_2(capsys, tmp_path):
+    data = write_npz(tmp_path / "vectors.npz", shape=(20,))
+    one_line_error(capsys, ["train", "--rule", "bp", "--data", data, "--arch", "conv"], "conv")
+
+
+@pytest.mark.parametrize("rule", ["bp", "fa", "dfa"])
+def test_train_on_unseen_npz_writes_result(rule, good_npz, tmp_path, capsys):
+    out = tmp_path / rule
+    assert main(["train", "--rule", rule, "--data", good_npz, "--hidden", "16", "--epochs", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["rule"] == rule and result["epochs_completed"] == 2 and result["status"] == "ok"
+    assert result["command"].startswith("localcredit train --rule")
+    assert "test_accuracy 0." in capsys.readouterr().out
+
+
+def test_conv_on_colour_images(tmp_path, capsys):
+    data = write_npz(tmp_path / "colour.npz", shape=(16, 16, 3), classes=4)  # channels-last
+    out = tmp_path / "conv"
+    assert main(["train", "--rule", "dfa", "--data", data, "--arch", "conv", "--epochs", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "result.json").read_text())["arch"] == "conv"
+
+
+def test_align_prints_json(good_npz, capsys):
+    assert main(["align", "--rule", "bp", "--data", good_npz, "--hidden", "16,16", "--batch-size", "64"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["rule"] == "bp" and len(payload["cosine"]) == 3
+    assert all(c > 0.9999 for c in payload["cosine"])
+
+
+def test_rules_and_datasets_list_json(capsys):
+    assert main(["rules", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert {"bp", "fa", "dfa"} <= set(listing)
+    assert any(opt["name"] == "init" for opt in listing["fa"]["options"])
+    assert main(["datasets", "--json"]) == 0
+    names = {entry["name"] for entry in json.loads(capsys.readouterr().out)}
+    assert {"fashion-mnist", "mnist", "cifar10"} <= names
+
+
+def test_installed_command_reports_user_error_without_traceback(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "localcredit")
+    command = [exe] if os.path.exists(exe) else [sys.executable, "-m", "localcredit"]
+    proc = subprocess.run([*command, "train", "--rule", "nope", "--data", "fashion-mnist"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unknown rule" in proc.stderr

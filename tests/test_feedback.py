@@ -1,0 +1,53 @@
+"""fa and dfa: exact where theory says so (B = W^T makes FA equal BP), clearly not BP at random B."""
+
+import torch
+
+from localcredit.align import alignment, bp_gradients
+
+from .rule_contract import RuleContract
+
+
+class TestFeedbackAlignment(RuleContract):
+    rule = "fa"
+    accuracy_floor = 0.78
+
+    def test_equals_bp_when_feedback_is_the_transpose(self, fashion_small):
+        for arch, hidden in (("mlp", [64, 32]), ("conv", [32])):
+            rule = self.make(fashion_small, arch=arch, hidden=hidden)
+            for i, block in enumerate(rule.net.layers):
+                getattr(rule, f"feedback_{i}").copy_(block.layer.weight.detach())
+            x, y = self.batch(fashion_small, n=40)
+            for got, want in zip(rule.update_directions(x, y), bp_gradients(rule, x, y)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+    def test_head_gradient_is_exact_and_hidden_ones_are_not(self, fashion_small):
+        rule = self.make(fashion_small)
+        cosines = alignment(rule, *self.batch(fashion_small, n=256))
+        assert cosines[-1] > 0.99999
+        assert all(c < 0.9 for c in cosines[:-1]), cosines
+
+    def test_feedback_is_fixed(self, fashion_small):
+        rule = self.make(fashion_small)
+        before = [b.clone() for b in rule.buffers()]
+        rule.step(*self.batch(fashion_small))
+        assert all(torch.equal(b, a) for b, a in zip(before, rule.buffers()))
+        assert all(not b.requires_grad for b in rule.buffers())
+
+
+class TestDirectFeedbackAlignment(RuleContract):
+    rule = "dfa"
+    accuracy_floor = 0.78
+
+    def test_equals_bp_for_one_hidden_layer_when_feedback_is_the_head(self, fashion_small):
+        # With one hidden block, BP's error at h_1 is W_head^T e: DFA with B_1 = W_head is BP.
+        rule = self.make(fashion_small, hidden=[50])
+        rule.feedback_0.copy_(rule.net.head.layer.weight.detach())
+        x, y = self.batch(fashion_small, n=40)
+        for got, want in zip(rule.update_directions(x, y), bp_gradients(rule, x, y)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+    def test_alignment_clearly_below_bp_at_init(self, fashion_small):
+        rule = self.make(fashion_small)
+        cosines = alignment(rule, *self.batch(fashion_small, n=256))
+        assert cosines[-1] > 0.99999
+        assert all(c < 0.9 for c in cosines[:-1]), cosines
