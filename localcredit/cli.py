@@ -7,13 +7,14 @@ import json
 import shlex
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from . import rules
 from .align import alignment
-from .data import describe_all
+from .data import describe_all, load
 from .errors import UserError
 from .experiment import RunSpec, default_out_dir, parse_hidden, prepare, run_info
 from .train import Diverged, TrainConfig, Trainer, epoch_order
@@ -125,6 +126,35 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_continual(args: argparse.Namespace) -> int:
+    from . import continual
+    from .data.continual import SCENARIOS, make_stream
+    from .experiment import build_rule, validate
+
+    _set_threads(args.threads)
+    if args.scenario not in SCENARIOS:
+        raise UserError(f"unknown --scenario {args.scenario!r}; choose from {', '.join(SCENARIOS)}")
+    spec = _spec(args)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                         limit_train=args.limit_train, progress=not args.quiet)
+    config.validate()
+    validate(spec)
+    data = load(spec.data, spec.data_root)
+    stream = make_stream(data, args.scenario, args.tasks, seed=args.seed)
+    rule = build_rule(spec, data)
+    matrix = continual.run_stream(rule, stream, config)
+    out = Path(args.out or f"runs/continual/{args.scenario}/{default_out_dir(spec).split('/', 1)[1]}")
+    result = {**run_info(spec, rule), "scenario": args.scenario, "tasks": args.tasks,
+              "epochs_per_task": args.epochs, "batch_size": args.batch_size,
+              "task_classes": [task.classes for task in stream], **continual.summarise(matrix),
+              "command": "localcredit " + shlex.join(args.argv)}
+    continual.save(result, out, f"{spec.rule} on {args.scenario} {spec.data}")
+    forgetting = result["forgetting"]
+    print(f"{spec.rule} {args.scenario} {spec.data}: average_accuracy {result['average_accuracy']:.4f}, "
+          f"forgetting {'n/a' if forgetting is None else f'{forgetting:.4f}'} -> {out}/result.json")
+    return 0
+
+
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -167,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_align)
+    p = sub.add_parser("continual", help="train tasks in sequence, evaluate all after each (forgetting)")
+    _add_run_options(p)
+    p.add_argument("--scenario", required=True, help="permuted | split-class | split-task")
+    p.add_argument("--tasks", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=1, help="epochs per task (default 1)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training samples per task")
+    p.add_argument("--out", default=None, help="output folder (default runs/continual/<scenario>/<rule>-<data>-seed<s>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_continual)
     return parser
 
 

@@ -156,6 +156,7 @@ class Rule(nn.Module):
         self.optim = optim if optim is not None else OptimConfig()
         self.gradient_hooks: list[GradientHook] = []
         self._optimizers: list[torch.optim.Optimizer] | None = None
+        self.active_classes: torch.Tensor | None = None  # see restrict_outputs
 
     # ----- what a rule defines -------------------------------------------------------------
     @classmethod
@@ -177,11 +178,30 @@ class Rule(nn.Module):
         return [[p for p in self.parameters() if p.requires_grad]]
 
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The loss whose BP gradient ``align`` compares against."""
-        return F.cross_entropy(logits, y)
+        """The loss whose BP gradient ``align`` compares against (over the active classes only)."""
+        return F.cross_entropy(self.mask_outputs(logits), y)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.mask_outputs(self.net(x))
+
+    # ----- multi-head outputs (task-incremental learning) ----------------------------------
+    def restrict_outputs(self, classes: Sequence[int] | None) -> None:
+        """Let only ``classes`` compete in the task loss and in predictions (None: all classes).
+
+        This is a per-task head carved out of the shared output layer: the other classes' logits
+        get -inf, so they take no probability mass and receive no error.
+        """
+        if classes is None:
+            self.active_classes = None
+            return
+        mask = torch.zeros(self.net.num_classes, dtype=torch.bool)
+        mask[list(classes)] = True
+        self.active_classes = mask
+
+    def mask_outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.active_classes is None:
+            return logits
+        return logits.masked_fill(~self.active_classes.to(logits.device), float("-inf"))
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called by the Trainer before each epoch (0-based); schedules hook in here."""

@@ -1,0 +1,118 @@
+"""Continual learning: metric formulas, task streams, a short real run, determinism, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from localcredit.cli import main
+from localcredit.continual import (average_accuracy, backward_transfer, forgetting, run_stream,
+                                   evaluate_task)
+from localcredit.data.continual import make_stream
+from localcredit.errors import UserError
+from localcredit.experiment import RunSpec, build_rule
+from localcredit.train import TrainConfig
+
+from .conftest import subset
+
+# R[t][i]: accuracy on task i after training task t.
+MATRIX = [[0.9, 0.1, 0.2],
+          [0.6, 0.8, 0.1],
+          [0.5, 0.7, 0.95]]
+
+
+def test_metrics_on_a_hand_made_matrix():
+    assert average_accuracy(MATRIX) == pytest.approx((0.5 + 0.7 + 0.95) / 3)
+    # task 1: best 0.9 -> 0.5; task 2: best 0.8 -> 0.7
+    assert forgetting(MATRIX) == pytest.approx(((0.9 - 0.5) + (0.8 - 0.7)) / 2)
+    assert backward_transfer(MATRIX) == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
+
+
+def test_forgetting_uses_the_best_earlier_accuracy_not_the_first():
+    improving = [[0.5, 0.0], [0.9, 0.8]]  # task 1 improved while task 2 was learned
+    assert forgetting(improving) == pytest.approx(0.5 - 0.9)  # negative: nothing forgotten
+    assert backward_transfer(improving) == pytest.approx(0.4)
+    assert forgetting([[0.7]]) is None and backward_transfer([[0.7]]) is None
+
+
+@pytest.fixture(scope="module")
+def small(fashion):
+    return subset(fashion, 3_000, 1_000)
+
+
+def test_permuted_stream_permutes_features_consistently(small):
+    stream = make_stream(small, "permuted", 3, seed=5)
+    assert [t.classes for t in stream] == [list(range(10))] * 3
+    for task in stream:
+        assert task.data.x_train.shape == small.x_train.shape and task.head_classes is None
+        flat, permuted = small.x_train[:1].flatten(), task.data.x_train[:1].flatten()
+        order = torch.argsort(flat)  # recover the permutation from one image and check it on another
+        assert torch.equal(torch.sort(flat).values, torch.sort(permuted).values)
+        assert torch.equal(task.data.y_test, small.y_test)
+    assert not torch.equal(stream[0].data.x_train, stream[1].data.x_train)
+    again = make_stream(small, "permuted", 3, seed=5)
+    assert all(torch.equal(a.data.x_test, b.data.x_test) for a, b in zip(stream, again))
+    del order
+
+
+def test_split_streams_have_two_classes_each_and_all_their_samples(small):
+    for scenario in ("split-class", "split-task"):
+        stream = make_stream(small, scenario, 5)
+        assert [t.classes for t in stream] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+        assert sum(len(t.data.x_train) for t in stream) == len(small.x_train)
+        for task in stream:
+            assert set(task.data.y_train.unique().tolist()) == set(task.classes)
+            assert task.head_classes == (task.classes if scenario == "split-task" else None)
+
+
+def test_split_with_more_tasks_than_class_pairs_is_refused(small):
+    with pytest.raises(UserError, match="needs 12 classes"):
+        make_stream(small, "split-class", 6)
+
+
+def test_task_head_restricts_predictions_to_the_task(small):
+    rule = build_rule(RunSpec(rule="bp", data="fashion-mnist", hidden=[32]), small)
+    task = make_stream(small, "split-task", 5)[3]
+    rule.restrict_outputs(task.head_classes)
+    assert set(rule.predict(small.x_test).unique().tolist()) <= {6, 7}
+    rule.restrict_outputs(None)
+    assert 0 <= evaluate_task(rule, task) <= 1
+
+
+@pytest.mark.parametrize("scenario", ["permuted", "split-class", "split-task"])
+def test_two_task_run_learns_and_is_deterministic(small, scenario):
+    def run():
+        rule = build_rule(RunSpec(rule="bp", data="fashion-mnist", hidden=[128], seed=1), small)
+        return run_stream(rule, make_stream(small, scenario, 2, seed=1),
+                          TrainConfig(epochs=1, batch_size=64, seed=1, progress=False))
+
+    matrix = run()
+    assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+    floor = 0.6 if scenario == "permuted" else 0.85
+    assert matrix[0][0] >= floor and matrix[1][1] >= floor, matrix
+    if scenario == "split-class":
+        assert matrix[1][0] < 0.5, "class-incremental fine-tuning should forget the first pair"
+    assert run() == matrix
+
+
+def test_cli_writes_matrix_metrics_and_heatmap(tmp_path):
+    out = tmp_path / "out"
+    assert main(["continual", "--rule", "dfa", "--data", "fashion-mnist", "--scenario", "split-task", "--tasks",
+                 "2", "--limit-train", "2000", "--hidden", "64", "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert len(result["accuracy_matrix"]) == 2 and result["forgetting"] is not None
+    assert {"average_accuracy", "backward_transfer", "command"} <= set(result)
+    assert (out / "accuracy_matrix.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--scenario", "rotated", "--tasks", "2"], "scenario"),
+    (["--scenario", "split-class", "--tasks", "6"], "needs 12 classes"),
+    (["--scenario", "permuted", "--tasks", "0"], "--tasks"),
+])
+def test_bad_continual_input_exits_2(argv, expect, capsys, tmp_path):
+    out = tmp_path / "out"
+    code = main(["continual", "--rule", "bp", "--data", "fashion-mnist", "--out", str(out), *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expect in err, err
+    assert not out.exists()
