@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from localcredit import rules
 from localcredit.cli import main as localcredit
 
@@ -90,12 +92,14 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("results/continual"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core free)")
     parser.add_argument("--rules", default=None, help="comma-separated (default: every registered rule)")
     return parser.parse_args()
 
 
 if __name__ == "__main__":
     args = parse()
+    torch.set_num_threads(args.threads)
     names = args.rules.split(",") if args.rules else list(rules.available())
     run_all(args.out, names, args.seeds, args.tasks)
     print(write_table(args.out, summarise(args.out, names)))

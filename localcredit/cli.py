@@ -34,9 +34,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default=None, help="mlp | conv | ... (default: the rule's network, mlp for most)")
     parser.add_argument("--hidden", default=None, type=parse_hidden_arg,
                         help="hidden sizes, e.g. 1000,1000 (default: 1000 for mlp, none after the conv blocks)")
-    parser.add_argument("--activation", default="relu", help="relu | tanh | sigmoid | leaky_relu | gelu")
+    parser.add_argument("--activation", default=None,
+                        help="relu | tanh | sigmoid | leaky_relu | gelu (default: the architecture's, relu for mlp/conv)")
     parser.add_argument("--optimizer", default="adam", help="adam | sgd (default adam)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 adam, 0.05 sgd)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the rule's; 1e-3 adam, 0.05 sgd for most)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",

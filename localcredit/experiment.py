@@ -21,7 +21,7 @@ class RunSpec:
     data_root: str | None = None
     arch: str | None = None  # None: the rule's default_arch
     hidden: list[int] | None = None  # None: the architecture's default
-    activation: str = "relu"
+    activation: str | None = None  # None: the architecture's default (relu; leaky ReLU for invertible)
     options: list[str] = field(default_factory=list)  # the --set key=value strings
     optimizer: str = "adam"
     lr: float | None = None

@@ -166,8 +166,9 @@ def register_architecture(name: str, builder: Callable[..., BlockNet]) -> None:
 
 
 def build(arch: str, input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] | None,
-          activation: str = "relu") -> BlockNet:
-    """Build a registered architecture by name (``hidden=None``: the architecture's default)."""
+          activation: str | None = None) -> BlockNet:
+    """Build a registered architecture by name (``None``: the architecture's default hidden sizes / activation)."""
     if arch not in ARCHITECTURES:
         raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](tuple(input_shape), num_classes, hidden=hidden, activation=activation)
+    chosen = {} if activation is None else {"activation": activation}
+    return ARCHITECTURES[arch](tuple(input_shape), num_classes, hidden=hidden, **chosen)

@@ -165,7 +165,7 @@ class Rule(nn.Module):
 
     @classmethod
     def build_network(cls, arch: str, input_shape: tuple[int, ...], num_classes: int,
-                      hidden: Sequence[int] | None, activation: str = "relu") -> BlockNet:
+                      hidden: Sequence[int] | None, activation: str | None = None) -> BlockNet:
         """The network this rule trains; rules that need a special one (invertible) override it."""
         return build_net(arch, input_shape, num_classes, hidden, activation)
 
