@@ -1,0 +1,125 @@
+"""nan-bp and nan: the theorem (linear attention = BP), the attention budget, learning, determinism."""
+
+import math
+
+import pytest
+import torch
+
+from localcredit.align import alignment, bp_gradients
+from localcredit.errors import UserError
+from localcredit.experiment import RunSpec, build_rule
+from localcredit.rules.attention import BudgetConfig, attention_support, received_attention
+from localcredit.rules.base import parse_options
+from localcredit.train import TrainConfig, Trainer
+
+from .conftest import subset
+from .rule_contract import RuleContract
+
+
+def relative_errors(rule, x, y):
+    got, want = rule.update_directions(x, y), bp_gradients(rule, x, y)
+    return [((g - w).norm() / w.norm()).item() for g, w in zip(got, want)]
+
+
+class TestNextLayerAttentionBP(RuleContract):
+    rule = "nan-bp"
+    accuracy_floor = 0.80
+
+    @pytest.mark.parametrize("arch,hidden,activation", [
+        ("mlp", [64, 32], "relu"), ("mlp", [64, 32], "tanh"), ("mlp", [64, 32], "sigmoid"),
+        ("mlp", [48], "gelu"), ("conv", [32], "relu"), ("conv", [], "tanh"),
+    ])
+    def test_theorem_linear_attention_is_bp(self, fashion_small, arch, hidden, activation):
+        spec = RunSpec(rule=self.rule, data=fashion_small.name, arch=arch, hidden=hidden, activation=activation)
+        rule = build_rule(spec, fashion_small).double()
+        x, y = self.batch(fashion_small, n=40)
+        errors = relative_errors(rule, x.double(), y)
+        assert len(errors) == len(rule.net.layers)
+        assert max(errors) < 1e-5, errors
+
+    def test_theorem_holds_in_float32_after_training(self, fashion_small):
+        rule = self.make(fashion_small)
+        for i in range(5):
+            rule.step(*self.batch(fashion_small, offset=64 * i))
+        assert max(relative_errors(rule, *self.batch(fashion_small, n=128, offset=512))) < 1e-5
+
+    def test_statistics_report_cosine_one_per_epoch(self, fashion_small):
+        rule = self.make(fashion_small)
+        Trainer(rule, subset(fashion_small, 512, 200), TrainConfig(epochs=2, progress=False)).fit()
+        stats = rule.statistics()
+        assert len(stats["per_epoch"]) == 2
+        for record in stats["per_epoch"]:
+            assert len(record["attention_support"]) == len(rule.net.layers) - 1
+            assert all(0 < s <= 1 for s in record["attention_support"])
+            assert min(record["cosine_with_bp"]) > 0.99999
+        restored = self.make(fashion_small)
+        restored.load_extra_state(rule.extra_state())
+        assert restored.epoch_records == rule.epoch_records
+
+
+class TestNextLayerAttention(RuleContract):
+    rule = "nan"
+    accuracy_floor = 0.80
+
+    def kernels(self, rule):
+        return [(layer.layer.weight.detach(), rule.attention_kernel(layer.layer.weight.detach()))
+                for layer in rule.net.layers]
+
+    @pytest.mark.parametrize("options", [["attention=softmax"], ["attention=softmax", "tau=0.2", "budget=2.5"],
+                                         ["attention=topk", "k=7"], ["attention=topk", "k=40", "budget=0.5"]])
+    @pytest.mark.parametrize("arch", ["mlp", "conv"])
+    def test_budget_per_next_layer_unit(self, fashion_small, options, arch):
+        rule = self.make(fashion_small, arch=arch, hidden=[32], options=options)
+        budget = rule.config.budget
+        for weight, kernel in self.kernels(rule):
+            rows, spent = weight.flatten(1), kernel.flatten(1)
+            torch.testing.assert_close(spent.abs().sum(1), budget * rows.abs().sum(1), rtol=1e-5, atol=0)
+            assert torch.equal(torch.sign(spent[spent != 0]), torch.sign(rows[spent != 0]))
+            if rule.config.attention == "topk":
+                k = min(rule.config.k, rows.shape[1])
+                assert ((spent != 0).sum(1) == k).all()
+                # ... and it attends to the k largest |w_ji|.
+                smallest_kept = torch.where(spent != 0, rows.abs(), math.inf).min(1).values
+                largest_dropped = torch.where(spent == 0, rows.abs(), -math.inf).max(1).values
+                assert (smallest_kept >= largest_dropped).all()
+
+    def test_per_sample_attention_sums_match_the_budget(self, fashion_small):
+        # alpha_ji = s_j M_ji for one sample: j's total is budget |s_j| ||w_j||_1, and A_i = sum_j alpha_ji
+        # is exactly what the rule passes down.
+        rule = self.make(fashion_small, hidden=[32, 16], options=["attention=topk", "k=5", "budget=3"])
+        x, y = self.batch(fashion_small, n=8)
+        traces = rule.forward_traces(x)
+        head, trace = rule.net.head, traces[-1]
+        attention, _ = rule.output_attention(trace.output, y)
+        need = torch.autograd.grad(trace.output, trace.pre, attention)[0]
+        kernel = rule.attention_kernel(head.layer.weight.detach())
+        alpha = need[:, :, None] * kernel[None]  # (sample, j, i)
+        weight_l1 = head.layer.weight.detach().abs().sum(1)
+        torch.testing.assert_close(alpha.abs().sum(2), 3 * need.abs() * weight_l1)
+        assert ((alpha != 0).sum(2)[need != 0] == 5).all()
+        torch.testing.assert_close(received_attention(head.layer, trace, need, kernel), alpha.sum(1))
+
+    def test_full_topk_with_unit_budget_is_bp(self, fashion_small):
+        rule = self.make(fashion_small, hidden=[64, 32], options=["attention=topk", "k=100000"]).double()
+        x, y = self.batch(fashion_small, n=40)
+        assert max(relative_errors(rule, x.double(), y)) < 1e-5
+
+    def test_sparse_attention_is_not_bp_but_the_head_is(self, fashion_small):
+        rule = self.make(fashion_small, options=["attention=topk", "k=10"])
+        cosines = alignment(rule, *self.batch(fashion_small, n=256))
+        assert cosines[-1] > 0.99999
+        assert all(c < 0.9 for c in cosines[:-1]), cosines
+
+    def test_concentration_follows_the_options(self, fashion_small):
+        def support(options):
+            rule = self.make(fashion_small, options=options)
+            return [attention_support(kernel) for _, kernel in self.kernels(rule)[1:]]
+
+        sharp, flat = support(["attention=softmax", "tau=0.1"]), support(["attention=softmax", "tau=100"])
+        assert all(s < f for s, f in zip(sharp, flat)), (sharp, flat)
+        assert all(s <= 10 / 256 for s in support(["attention=topk", "k=10"]))
+
+    @pytest.mark.parametrize("bad", ["tau=0", "k=0", "budget=-1", "attention=lrp"])
+    def test_bad_options_are_user_errors(self, bad):
+        with pytest.raises(UserError):
+            parse_options(BudgetConfig, [bad])
