@@ -38,8 +38,8 @@ def arguments(rule: str, scenario: str, seed: int, tasks: int, out: Path) -> lis
     return argv
 
 
-def run_all(out: Path, rule_names: list[str], seeds: int, tasks: int) -> None:
-    for scenario in SCENARIOS:
+def run_all(out: Path, rule_names: list[str], seeds: int, tasks: int, scenarios=SCENARIOS) -> None:
+    for scenario in scenarios:
         for rule in rule_names:
             for seed in range(seeds):
                 target = run_dir(out, scenario, rule, seed)
@@ -92,6 +92,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("results/continual"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=5)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset to run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core free)")
     parser.add_argument("--rules", default=None, help="comma-separated (default: every registered rule)")
     return parser.parse_args()
@@ -101,6 +102,6 @@ if __name__ == "__main__":
     args = parse()
     torch.set_num_threads(args.threads)
     names = args.rules.split(",") if args.rules else list(rules.available())
-    run_all(args.out, names, args.seeds, args.tasks)
+    run_all(args.out, names, args.seeds, args.tasks, args.scenarios.split(","))
     print(write_table(args.out, summarise(args.out, names)))
     sys.exit(0)
