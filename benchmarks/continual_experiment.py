@@ -38,10 +38,11 @@ def arguments(rule: str, scenario: str, seed: int, tasks: int, out: Path) -> lis
     return argv
 
 
-def run_all(out: Path, rule_names: list[str], seeds: int, tasks: int, scenarios=SCENARIOS) -> None:
+def run_all(out: Path, rule_names: list[str], seeds: int, tasks: int, scenarios=SCENARIOS,
+            first_seed: int = 0) -> None:
     for scenario in scenarios:
         for rule in rule_names:
-            for seed in range(seeds):
+            for seed in range(first_seed, seeds):
                 target = run_dir(out, scenario, rule, seed)
                 if (target / "result.json").exists():
                     continue
@@ -92,6 +93,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("results/continual"))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="skip seeds below this (to split work)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset to run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core free)")
     parser.add_argument("--rules", default=None, help="comma-separated (default: every registered rule)")
@@ -102,6 +104,6 @@ if __name__ == "__main__":
     args = parse()
     torch.set_num_threads(args.threads)
     names = args.rules.split(",") if args.rules else list(rules.available())
-    run_all(args.out, names, args.seeds, args.tasks, args.scenarios.split(","))
+    run_all(args.out, names, args.seeds, args.tasks, args.scenarios.split(","), args.first_seed)
     print(write_table(args.out, summarise(args.out, names)))
     sys.exit(0)
