@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch
 
 from localcredit.data import load
 from localcredit.experiment import RunSpec, build_rule
+from localcredit.memory import training_footprint
 from localcredit.train import TrainConfig, Trainer
 
 RULES = ["bp", "local-random", "local-learned", "lfnn-l", "lfnn"]
@@ -102,65 +102,13 @@ def cpu_time(args) -> dict:
 
 
 # ----- memory --------------------------------------------------------------------------------
-def _status_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-
-class SavedTensorMeter:
-    """Peak total bytes of the non-parameter tensors autograd keeps for backward."""
-
-    def __init__(self, parameters):
-        self.parameter_ptrs = {p.data_ptr() for p in parameters}
-        self.live = 0
-        self.peak = 0
-
-    def pack(self, tensor):
-        if tensor.data_ptr() in self.parameter_ptrs or tensor.untyped_storage().data_ptr() in self.parameter_ptrs:
-            return tensor
-        meter, size = self, tensor.numel() * tensor.element_size()  # a batch is a view of the whole data set
-
-        class Held:
-            def __init__(self):
-                self.tensor = tensor
-                meter.live += size
-                meter.peak = max(meter.peak, meter.live)
-
-            def __del__(self):
-                meter.live -= size
-
-        return Held()
-
-    @staticmethod
-    def unpack(held):
-        return held.tensor if not isinstance(held, torch.Tensor) else held
-
-
 def memory_one(rule_name: str, batch: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     data = load("fashion-mnist")
     rule = make_rule(rule_name, data)
     batches = [(data.x_train[i * batch:(i + 1) * batch], data.y_train[i * batch:(i + 1) * batch])
                for i in range(steps)]
-    before = _status_kb("VmRSS")
-    _reset_peak()
-    for x, y in batches[:2]:
-        rule.step(x, y)
-    footprint = _status_kb("VmHWM") - before
-    steady = _status_kb("VmRSS")
-    _reset_peak()
-    for x, y in batches[2:]:
-        rule.step(x, y)
-    step_peak = _status_kb("VmHWM") - steady
-    meter = SavedTensorMeter(rule.parameters())
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-        rule.step(*batches[0])
-    return {"rule": rule_name, "batch_size": batch, "footprint_mb": footprint / 1024,
-            "step_peak_mb": step_peak / 1024, "saved_activations_mb": meter.peak / 2**20,
-            "trainable_parameters": sum(p.numel() for p in rule.parameters() if p.requires_grad)}
+    return {"rule": rule_name, "batch_size": batch, **training_footprint(rule, batches)}
 
 
 def memory(args) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from dataclasses import asdict
@@ -156,6 +157,25 @@ def cmd_continual(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchOptions, get_suite, run_bench, with_seeds
+
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    suite = with_seeds(get_suite(args.suite), args.seeds)
+    names = [n.strip() for n in args.rules.split(",") if n.strip()] if args.rules else list(rules.available())
+    cores = os.cpu_count() or 1
+    workers = max(1, min(4, cores)) if args.workers is None else args.workers
+    threads = max(1, cores // max(workers, 1)) if args.threads is None else args.threads
+    options = BenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
+                           workers=workers, threads=threads,
+                           progress=not args.quiet, command="localcredit " + shlex.join(args.argv))
+    summary = run_bench(options)
+    print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
+          f"{options.out}/RESULTS.md, results.csv and {len(summary['files']) - 2} plots")
+    return 0
+
+
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -208,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/continual/<scenario>/<rule>-<data>-seed<s>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_continual)
+
+    p = sub.add_parser("bench", help="run a benchmark suite: every rule x data set x seed -> table and plots")
+    p.add_argument("--suite", required=True, help="smoke | quick | full (see docs/bench.md)")
+    p.add_argument("--out", default=None, help="output folder (default runs/bench/<suite>); re-running skips finished runs")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per rule and data set (default: the suite's)")
+    p.add_argument("--rules", default=None, help="comma-separated subset of rules (default: every registered rule)")
+    p.add_argument("--workers", type=int, default=None, help="runs at a time (default: CPU cores, at most 4)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / workers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

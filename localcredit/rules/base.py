@@ -65,6 +65,10 @@ class EmptyConfig:
     """This rule has no options."""
 
 
+#: Learning rate per optimiser when neither --lr nor the rule says otherwise.
+DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
+
+
 @dataclass
 class OptimConfig:
     """The torch.optim optimiser every parameter group of a rule gets."""
@@ -78,9 +82,9 @@ class OptimConfig:
         if self.optimizer == "adam":
             # The fused kernel is one pass over the weights: measured here it halves Adam's share
             # of a 784-1000-10 epoch (the step costs as much as forward + backward otherwise).
-            return torch.optim.Adam(params, lr=self.lr or 1e-3, weight_decay=self.weight_decay, fused=True)
+            return torch.optim.Adam(params, lr=self.lr or DEFAULT_LR["adam"], weight_decay=self.weight_decay, fused=True)
         if self.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.lr or 0.05, momentum=self.momentum,
+            return torch.optim.SGD(params, lr=self.lr or DEFAULT_LR["sgd"], momentum=self.momentum,
                                    weight_decay=self.weight_decay)
         raise UserError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
 
@@ -154,6 +158,8 @@ class Rule(nn.Module):
         self.net = net
         self.config = config if config is not None else self.Config()
         self.optim = optim if optim is not None else OptimConfig()
+        if self.optim.lr is None and self.optim.optimizer in DEFAULT_LR:
+            self.optim = dataclasses.replace(self.optim, lr=self.default_lr(self.optim.optimizer))
         self.gradient_hooks: list[GradientHook] = []
         self._optimizers: list[torch.optim.Optimizer] | None = None
         self.active_classes: torch.Tensor | None = None  # see restrict_outputs
@@ -168,6 +174,11 @@ class Rule(nn.Module):
                       hidden: Sequence[int] | None, activation: str | None = None) -> BlockNet:
         """The network this rule trains; rules that need a special one (invertible) override it."""
         return build_net(arch, input_shape, num_classes, hidden, activation)
+
+    @classmethod
+    def default_lr(cls, optimizer: str) -> float:
+        """The learning rate when --lr is not given (the benchmark tunes around it)."""
+        return DEFAULT_LR[optimizer]
 
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Write this rule's update direction into ``p.grad``; return scalars to log (incl. ``loss``)."""

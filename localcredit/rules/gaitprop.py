@@ -23,7 +23,6 @@ averaged over the batch so that for orthogonal W it is BP's gradient of the mean
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,12 +98,14 @@ class InvertibleTargetRule(Rule):
             raise UserError(f"rule {cls.name} inverts its layers: it needs --arch invertible, not {arch!r}")
         return build_net(arch, input_shape, num_classes, hidden, activation)
 
+    @classmethod
+    def default_lr(cls, optimizer: str) -> float:
+        return DEFAULT_ADAM_LR if optimizer == "adam" else super().default_lr(optimizer)
+
     def __init__(self, net: BlockNet, config: Any = None, optim: Any = None):
         if not is_invertible(net):
             raise UserError(f"rule {self.name} needs a network built with --arch invertible")
         super().__init__(net, config, optim)
-        if self.optim.optimizer == "adam" and self.optim.lr is None:
-            self.optim = dataclasses.replace(self.optim, lr=DEFAULT_ADAM_LR)
         self.steps = 0
         self._regularise = True
 

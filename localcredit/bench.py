@@ -1,0 +1,355 @@
+"""Benchmark suites: every registered rule x data set x seed, one command, resumable.
+
+``localcredit bench --suite quick|full [--out DIR] [--seeds N]`` plans the runs of a suite,
+executes each as its own ``localcredit train`` process (so every run's peak memory and timing are
+its own, and a killed bench loses at most the epoch in progress: a run with a checkpoint is
+resumed, a run with a final result.json is skipped), then measures what a run's result.json does
+not hold (per-layer alignment with BP of the trained weights, the training-step memory footprint)
+and writes results.csv, RESULTS.md and plots (``bench_report``).
+
+Fairness, by construction:
+
+* every rule trains the suite's hidden sizes; a rule that needs its own kind of network (GAIT-prop's
+  invertible one) keeps those sizes in that architecture, and BP is run on that architecture too, so
+  each rule's speed and memory are compared with BP on the very same network;
+* with ``tune_epochs`` the learning rate of every rule (and of BP) is chosen from the same grid
+  around the rule's default, by accuracy on a validation split carved from the training data
+  (``--data val:NAME``); the test split is only ever evaluated by the final runs.
+
+New rules need no change here: the suites enumerate ``rules.available()``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from tqdm import tqdm
+
+from . import rules
+from .data.sources import VALIDATION_PREFIX
+from .errors import UserError
+from .experiment import RunSpec, build_rule
+from .train import RESULT
+
+#: The rule every other is compared with (ratios, the extra reference runs on special networks).
+REFERENCE = "bp"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Everything that defines a suite's runs; the CLI may override ``seeds``."""
+
+    name: str
+    description: str
+    datasets: tuple[str, ...]
+    hidden: tuple[int, ...]
+    epochs: int
+    seeds: int
+    batch_size: int = 128
+    limit_train: int | None = None  # first N training samples (None: all)
+    tune_epochs: int = 0  # 0: every rule runs at its default learning rate
+    lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)  # tuning grid, times the rule's default
+    align_batch: int = 256
+
+
+SUITES: dict[str, Suite] = {
+    "smoke": Suite("smoke", "installation check: 2,000 Fashion-MNIST images, one small epoch per rule",
+                   datasets=("fashion-mnist",), hidden=(64, 64), epochs=1, seeds=1, limit_train=2000),
+    "quick": Suite("quick", "every rule on Fashion-MNIST, 30,000 training images and the full test set, 3 epochs, "
+                            "2 seeds, default learning rates (about 4 minutes on 2 CPU cores)",
+                   datasets=("fashion-mnist",), hidden=(256, 256), epochs=3, seeds=2, limit_train=30_000),
+    "full": Suite("full", "every rule on Fashion-MNIST (60k/10k) and MNIST, 784-1000-1000-10, 5 epochs, "
+                          "learning rate tuned on a validation split, 3 seeds",
+                  datasets=("fashion-mnist", "mnist"), hidden=(1000, 1000), epochs=5, seeds=3, tune_epochs=2),
+}
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise UserError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    return SUITES[name]
+
+
+# ----- what runs -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """A rule on a kind of network: one row of the results table."""
+
+    rule: str
+    arch: str
+
+    @property
+    def label(self) -> str:
+        return self.rule if self.arch == rules.get(self.rule).default_arch else f"{self.rule} [{self.arch}]"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.rule}-{self.arch}"
+
+
+def entries(rule_names: Iterable[str]) -> list[Entry]:
+    """Each rule on its own network, plus BP on every network some rule needs (for a fair baseline)."""
+    chosen = [Entry(name, rules.get(name).default_arch) for name in rule_names]
+    archs = sorted({e.arch for e in chosen})
+    references = [Entry(REFERENCE, arch) for arch in archs if Entry(REFERENCE, arch) not in chosen]
+    return chosen + references
+
+
+@dataclass(frozen=True)
+class Run:
+    stage: str  # "tune" (evaluated on the validation split) or "final" (evaluated on the test split)
+    entry: Entry
+    data: str  # the data set the final runs use; tuning runs train on val:<data>
+    seed: int
+    lr: float
+
+    @property
+    def train_data(self) -> str:
+        return VALIDATION_PREFIX + self.data if self.stage == "tune" else self.data
+
+    def folder(self, out: Path) -> Path:
+        name = f"lr{self.lr:.3g}-seed{self.seed}" if self.stage == "tune" else f"seed{self.seed}"
+        return out / "runs" / self.stage / self.data / self.entry.slug / name
+
+
+def spec_of(run: Run, suite: Suite) -> RunSpec:
+    return RunSpec(rule=run.entry.rule, data=run.train_data, arch=run.entry.arch, hidden=list(suite.hidden),
+                   lr=run.lr, seed=run.seed)
+
+
+def train_arguments(run: Run, suite: Suite, out: Path, threads: int) -> list[str]:
+    """The ``localcredit train`` command line of one run."""
+    argv = ["train", "--rule", run.entry.rule, "--data", run.train_data, "--arch", run.entry.arch,
+            "--hidden", ",".join(map(str, suite.hidden)),
+            "--epochs", str(suite.tune_epochs if run.stage == "tune" else suite.epochs),
+            "--batch-size", str(suite.batch_size), "--lr", repr(run.lr), "--seed", str(run.seed),
+            "--threads", str(threads), "--out", str(run.folder(out)), "--quiet"]
+    if suite.limit_train is not None:
+        argv += ["--limit-train", str(suite.limit_train)]
+    return argv
+
+
+def tuning_runs(suite: Suite, chosen: Sequence[Entry]) -> list[Run]:
+    if not suite.tune_epochs:
+        return []
+    return [Run("tune", entry, data, 0, lr) for data in suite.datasets for entry in chosen
+            for lr in lr_grid(entry, suite)]
+
+
+def final_runs(suite: Suite, chosen: Sequence[Entry], learning_rates: dict[tuple[Entry, str], float]) -> list[Run]:
+    return [Run("final", entry, data, seed, learning_rates[entry, data])
+            for data in suite.datasets for entry in chosen for seed in range(suite.seeds)]
+
+
+def default_lr(entry: Entry) -> float:
+    return rules.get(entry.rule).default_lr("adam")
+
+
+def lr_grid(entry: Entry, suite: Suite) -> list[float]:
+    return [default_lr(entry) * factor for factor in suite.lr_factors]
+
+
+def validate_suite(suite: Suite, chosen: Sequence[Entry], input_shape: tuple[int, ...] = (1, 28, 28),
+                   num_classes: int = 10) -> None:
+    """Build every entry's network and rule once (no data needed): a bad suite fails before any run."""
+    for entry in chosen:
+        rule_cls = rules.get(entry.rule)
+        net = rule_cls.build_network(entry.arch, input_shape, num_classes, list(suite.hidden))
+        rule_cls(net)
+
+
+# ----- running ---------------------------------------------------------------------------------
+def read_result(folder: Path) -> dict | None:
+    path = folder / RESULT
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def is_finished(result: dict | None) -> bool:
+    """A run is done when it completed its epochs or diverged (re-running would diverge again)."""
+    if result is None:
+        return False
+    return result.get("status") == "diverged" or (
+        result.get("status") == "ok" and result.get("epochs_completed") == result.get("epochs"))
+
+
+def execute(argv: list[str], folder: Path) -> int:
+    """Run ``localcredit <argv>`` in a fresh process, resuming from a checkpoint if a previous try left one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "checkpoint.pt").exists():
+        argv = [*argv, "--resume"]
+    with open(folder / "log.txt", "a") as log:
+        log.write("$ localcredit " + " ".join(argv) + "\n")
+        log.flush()
+        return subprocess.run([sys.executable, "-m", "localcredit", *argv], stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": argv[argv.index("--threads") + 1]}).returncode
+
+
+def run_parallel(jobs: list[tuple[str, Callable[[], object]]], workers: int, desc: str,
+                 progress: bool) -> dict[str, object]:
+    """Run ``(name, job)`` pairs on ``workers`` threads (each job starts its own process)."""
+    outcomes: dict[str, object] = {}
+    if not jobs:
+        return outcomes
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(job): name for name, job in jobs}
+        bar = tqdm(as_completed(futures), total=len(futures), desc=desc, unit="run", disable=not progress or None,
+                   file=sys.stderr)
+        for future in bar:
+            outcomes[futures[future]] = future.result()
+            bar.set_postfix_str(futures[future][-40:])
+    return outcomes
+
+
+def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: int, progress: bool,
+              desc: str) -> tuple[int, int]:
+    """Train every unfinished run of a stage; return (runs trained now, runs skipped as finished)."""
+    todo = [run for run in runs if not is_finished(read_result(run.folder(out)))]
+    jobs = [(str(run.folder(out)), _train_job(run, suite, out, threads)) for run in todo]
+    codes = run_parallel(jobs, workers, desc, progress)
+    failed = [name for name, code in codes.items() if code not in (0, 1)]  # 1 = diverged, recorded
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed; see log.txt in {failed[0]}")
+    return len(todo), len(runs) - len(todo)
+
+
+def _train_job(run: Run, suite: Suite, out: Path, threads: int) -> Callable[[], int]:
+    return lambda: execute(train_arguments(run, suite, out, threads), run.folder(out))
+
+
+def choose_learning_rates(suite: Suite, chosen: Sequence[Entry], out: Path) -> dict[tuple[Entry, str], float]:
+    """Per (entry, data set): the grid value with the best final validation accuracy (default without tuning).
+
+    Diverged runs count as accuracy -inf; ties go to the value closest to the rule's default.
+    """
+    choice = {}
+    for data in suite.datasets:
+        for entry in chosen:
+            if not suite.tune_epochs:
+                choice[entry, data] = default_lr(entry)
+                continue
+            scored = []
+            for lr in lr_grid(entry, suite):
+                result = read_result(Run("tune", entry, data, 0, lr).folder(out)) or {}
+                accuracy = result.get("test_accuracy") if result.get("status") == "ok" else None
+                scored.append((-math.inf if accuracy is None else accuracy,
+                               -abs(math.log(lr / default_lr(entry))), lr))
+            choice[entry, data] = max(scored)[2]
+    return choice
+
+
+# ----- measurements a run's result.json does not hold --------------------------------------------
+ALIGNMENT = "alignment.json"
+
+
+def measure_alignment(run: Run, suite: Suite, out: Path, datasets: dict) -> dict:
+    """Per-layer cosine with BP at initialisation and with the trained weights, on one fixed batch."""
+    import torch
+
+    from .align import alignment
+    from .train import CHECKPOINT, epoch_order
+
+    folder = run.folder(out)
+    path = folder / ALIGNMENT
+    if path.exists():
+        return json.loads(path.read_text())
+    data = datasets[run.data]
+    rule = build_rule(spec_of(run, suite), data)
+    n_train = min(len(data.x_train), suite.limit_train or len(data.x_train))
+    index = epoch_order(n_train, run.seed, 0)[:suite.align_batch]
+    x, y = data.x_train[index], data.y_train[index]
+    at_init = alignment(rule, x, y)
+    checkpoint = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
+    rule.load_checkpoint_state(checkpoint["rule"])
+    payload = {"batch": len(index), "init": at_init, "final": alignment(rule, x, y)}
+    path.write_text(json.dumps(payload) + "\n")
+    return payload
+
+
+def memory_file(entry: Entry, data: str, out: Path) -> Path:
+    return out / "memory" / data / f"{entry.slug}.json"
+
+
+def measure_memory(entry: Entry, data: str, suite: Suite, out: Path) -> dict:
+    """Training-step memory of an entry, measured in a fresh process (``localcredit.memory``)."""
+    path = memory_file(entry, data, out)
+    if path.exists():
+        return json.loads(path.read_text())
+    command = [sys.executable, "-m", "localcredit.memory", "--rule", entry.rule, "--data", data, "--arch", entry.arch,
+               "--hidden", ",".join(map(str, suite.hidden)), "--batch-size", str(suite.batch_size), "--threads", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement of {entry.label} on {data} failed: {done.stderr.strip()[-300:]}")
+    payload = json.loads(done.stdout.strip().splitlines()[-1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload) + "\n")
+    return payload
+
+
+# ----- the whole suite -------------------------------------------------------------------------
+@dataclass
+class BenchOptions:
+    suite: Suite
+    out: Path
+    rule_names: list[str]
+    workers: int = 1
+    threads: int = 1
+    progress: bool = True
+    command: str = ""
+
+
+def check_options(options: BenchOptions) -> None:
+    if options.suite.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {options.suite.seeds}")
+    if options.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {options.workers}")
+    if options.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {options.threads}")
+    for name in options.rule_names:
+        rules.get(name)  # unknown names raise UserError listing the available ones
+    if not options.rule_names:
+        raise UserError("--rules selects no rule")
+
+
+def run_bench(options: BenchOptions) -> dict:
+    """Plan, run (skipping finished runs), measure and report a suite; return a summary."""
+    from .data import load
+    from .bench_report import write_report
+
+    check_options(options)
+    suite, out = options.suite, options.out
+    chosen = entries(options.rule_names)
+    validate_suite(suite, chosen)
+    datasets = {name: load(name) for name in suite.datasets}  # missing data fails here, before any run
+    out.mkdir(parents=True, exist_ok=True)
+    trained = skipped = 0
+    stage = dict(suite=suite, out=out, workers=options.workers, threads=options.threads, progress=options.progress)
+    tune = tuning_runs(suite, chosen)
+    n, s = run_stage(tune, desc="tuning (validation split)", **stage)
+    trained, skipped = trained + n, skipped + s
+    learning_rates = choose_learning_rates(suite, chosen, out)
+    final = final_runs(suite, chosen, learning_rates)
+    n, s = run_stage(final, desc="final runs (test split)", **stage)
+    trained, skipped = trained + n, skipped + s
+    finished_runs = [run for run in final if read_result(run.folder(out)).get("status") == "ok"]
+    jobs = [(f"memory {e.slug} {d}", _memory_job(e, d, suite, out)) for d in suite.datasets for e in chosen]
+    memory = run_parallel(jobs, options.workers, "memory probes", options.progress)
+    alignments = {run: measure_alignment(run, suite, out, datasets) for run in finished_runs}
+    report = write_report(options, chosen, tune, final, learning_rates, alignments,
+                          {(e, d): memory[f"memory {e.slug} {d}"] for d in suite.datasets for e in chosen})
+    return {"trained": trained, "skipped": skipped, **report}
+
+
+def _memory_job(entry: Entry, data: str, suite: Suite, out: Path) -> Callable[[], dict]:
+    return lambda: measure_memory(entry, data, suite, out)
+
+
+def with_seeds(suite: Suite, seeds: int | None) -> Suite:
+    return suite if seeds is None else replace(suite, seeds=seeds)

@@ -1,0 +1,367 @@
+"""The outputs of a benchmark suite: results.csv (one row per run), RESULTS.md and PNG plots.
+
+Everything here is read back from the runs' own files (result.json, alignment.json, the memory
+probes), so a report can be rebuilt at any time from a bench folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .bench import REFERENCE, Entry, Run, read_result  # noqa: E402
+
+#: The papers' reported test accuracy (%), from ../shared/METHODS.md; a rule without one shows "-".
+PAPER_REFERENCES: dict[str, dict[str, str]] = {
+    "bp": {"mnist": "99.09 (LeNet; BioTorch)", "fashion-mnist": "90.8 (LeNet; BioTorch)"},
+    "fa": {"mnist": "98.3 (LeNet; BioTorch)", "fashion-mnist": "86.94 (LeNet; BioTorch)"},
+    "dfa": {"mnist": "98.39 (LeNet; BioTorch)", "fashion-mnist": "87.19 (LeNet; BioTorch)"},
+    "lfnn-l": {"mnist": "98.80 (784-256-128, 50 ep; authors' logs, variant not stated)"},
+    "lfnn": {"mnist": "98.80 (784-256-128, 50 ep; authors' logs, variant not stated)"},
+    "gaitprop": {"mnist": "≈ BP (no number reachable)", "fashion-mnist": "≈ BP (no number reachable)"},
+}
+
+PLOTS = ("learning_curves.png", "accuracy.png", "alignment.png", "cost.png")
+
+
+def steady_seconds_per_epoch(result: dict) -> float:
+    """Median epoch time, leaving out the first epoch (warm-up) when there are others."""
+    seconds = result["seconds_per_epoch"]
+    return statistics.median(seconds[1:] if len(seconds) > 1 else seconds)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(values: Sequence[float], scale: float = 100, digits: int = 2) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std([v * scale for v in values])
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+# ----- rows ------------------------------------------------------------------------------------
+def run_row(run: Run, options, alignments: dict, memory: dict) -> dict:
+    result = read_result(run.folder(options.out)) or {}
+    suite = options.suite
+    row = {"suite": suite.name, "stage": run.stage, "data": run.data,
+           "evaluated_on": "validation" if run.stage == "tune" else "test",
+           "rule": run.entry.rule, "arch": run.entry.arch, "label": run.entry.label,
+           "hidden": "-".join(map(str, suite.hidden)), "seed": run.seed, "lr": run.lr,
+           "epochs": result.get("epochs"), "status": result.get("status", "missing"),
+           "accuracy": result.get("test_accuracy"),
+           "accuracy_per_epoch": " ".join(f"{a:.4f}" for a in result.get("test_accuracy_per_epoch", [])),
+           "seconds_per_epoch": steady_seconds_per_epoch(result) if result.get("seconds_per_epoch") else None,
+           "samples_per_second": result.get("samples_per_second"),
+           "peak_rss_mb": result.get("peak_memory_mb"), "parameters": result.get("parameters")}
+    if run.stage == "final":
+        probe = memory.get((run.entry, run.data), {})
+        align = alignments.get(run, {})
+        row.update(footprint_mb=probe.get("footprint_mb"), saved_activations_mb=probe.get("saved_activations_mb"),
+                   alignment_init=" ".join(f"{c:.4f}" for c in align.get("init", [])),
+                   alignment_final=" ".join(f"{c:.4f}" for c in align.get("final", [])))
+    row["result_json"] = str(run.folder(options.out) / "result.json")
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Per final run: seconds per epoch and memory as ratios to BP on the same network, data and seed."""
+    reference = {(r["arch"], r["data"], r["seed"]): r for r in rows
+                 if r["stage"] == "final" and r["rule"] == REFERENCE and r["status"] == "ok"}
+    for row in rows:
+        bp = reference.get((row["arch"], row["data"], row["seed"])) if row["stage"] == "final" else None
+        for key, ratio in (("seconds_per_epoch", "time_ratio_to_bp"), ("footprint_mb", "footprint_ratio_to_bp"),
+                           ("saved_activations_mb", "saved_activations_ratio_to_bp"),
+                           ("peak_rss_mb", "peak_rss_ratio_to_bp")):
+            ok = bp is not None and row.get(key) is not None and bp.get(key)
+            row[ratio] = row[key] / bp[key] if ok else None
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ----- the Markdown report ---------------------------------------------------------------------
+def machine_description() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f", {kib / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU used"
+    return (f"{model}, {os.cpu_count()} cores{memory}{gpu}; {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def summary_table(rows: list[dict], chosen: Sequence[Entry], datasets: Sequence[str], lrs: dict) -> list[str]:
+    finals = [r for r in rows if r["stage"] == "final"]
+    by_key = defaultdict(list)
+    for row in finals:
+        by_key[row["label"], row["data"]].append(row)
+    header = ["rule", "network"]
+    for data in datasets:
+        header += [f"lr ({data})", f"{data} test acc. %", f"paper ({data})"]
+    header += ["s/epoch vs BP", "train memory vs BP", "held activations vs BP", "peak RSS vs BP"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    first = datasets[0]
+    for entry in chosen:
+        cells = [f"`{entry.rule}`", entry.arch]
+        for data in datasets:
+            runs = by_key[entry.label, data]
+            ok = [r["accuracy"] for r in runs if r["status"] == "ok"]
+            diverged = sum(r["status"] == "diverged" for r in runs)
+            cells += [f"{lrs[entry, data]:.3g}",
+                      _fmt(ok) + (f" ({diverged} diverged)" if diverged else ""),
+                      PAPER_REFERENCES.get(entry.rule, {}).get(data, "-")]
+        runs = by_key[entry.label, first]
+        for key in ("time_ratio_to_bp", "footprint_ratio_to_bp", "saved_activations_ratio_to_bp",
+                    "peak_rss_ratio_to_bp"):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            cells.append(f"{statistics.mean(values):.2f}" if values else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def alignment_table(rows: list[dict], chosen: Sequence[Entry], data: str) -> list[str]:
+    lines = ["| rule | network | cosine per layer at init | after training (mean over seeds) |", "|---|---|---|---|"]
+    for entry in chosen:
+        runs = [r for r in rows if r["stage"] == "final" and r["label"] == entry.label and r["data"] == data
+                and r.get("alignment_final")]
+        if not runs:
+            continue
+        init = _layer_means([r["alignment_init"] for r in runs])
+        final = _layer_means([r["alignment_final"] for r in runs])
+        lines.append(f"| `{entry.rule}` | {entry.arch} | {' '.join(f'{c:.2f}' for c in init)} | "
+                     f"{' '.join(f'{c:.2f}' for c in final)} |")
+    return lines
+
+
+def _layer_means(texts: Sequence[str]) -> list[float]:
+    per_run = [[float(v) for v in text.split()] for text in texts]
+    return [statistics.mean(layer) for layer in zip(*per_run)]
+
+
+def tuning_table(rows: list[dict], chosen: Sequence[Entry], datasets: Sequence[str], lrs: dict) -> list[str]:
+    tune = [r for r in rows if r["stage"] == "tune"]
+    if not tune:
+        return []
+    lines = ["| rule | network | data | validation accuracy % per learning rate (chosen in bold) |", "|---|---|---|---|"]
+    for data in datasets:
+        for entry in chosen:
+            cells = []
+            for row in sorted((r for r in tune if r["label"] == entry.label and r["data"] == data),
+                              key=lambda r: r["lr"]):
+                value = f"{row['accuracy'] * 100:.2f}" if row["status"] == "ok" else row["status"]
+                text = f"{row['lr']:.3g}: {value}"
+                cells.append(f"**{text}**" if row["lr"] == lrs[entry, data] else text)
+            lines.append(f"| `{entry.rule}` | {entry.arch} | {data} | {', '.join(cells)} |")
+    return lines
+
+
+def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall: str) -> str:
+    suite = options.suite
+    datasets = list(suite.datasets)
+    train_size = f"the first {suite.limit_train:,} training images" if suite.limit_train else "the whole training split"
+    tuning = (f"Learning rates: for every rule and data set, Adam with {len(suite.lr_factors)} learning rates "
+              f"(the rule's default x {', '.join(f'{f:.3g}' for f in suite.lr_factors)}) trained for "
+              f"{suite.tune_epochs} epochs, seed 0, on a validation split carved from the training data "
+              f"(`--data val:NAME`: a fixed stratified 1/6 of the training split is held out and evaluated, the "
+              f"rest trains); the value with the best final validation accuracy is used for the test runs "
+              f"(ties: the one closest to the default). The test split is never seen by this choice."
+              if suite.tune_epochs else
+              "Learning rates: every rule at its documented default (Adam 1e-3; 1e-4 for gaitprop/tp/itp, "
+              "whose orthogonality regulariser needs slow steps); no tuning in this suite.")
+    lines = [
+        f"# Benchmark: suite `{suite.name}`",
+        "",
+        f"{suite.description}.",
+        "",
+        "Command:",
+        "",
+        f"    {options.command}",
+        "",
+        f"Machine: {machine_description()}. Runs: {options.workers} at a time, {options.threads} thread(s) each "
+        f"(every run is its own `localcredit train` process). Report written {wall}.",
+        "",
+        "## What every rule got",
+        f"- Network: hidden sizes {'-'.join(map(str, suite.hidden))} for every rule. `mlp` rules: "
+        f"input-{'-'.join(map(str, suite.hidden))}-10 ReLU. Rules that invert their layers (gaitprop, tp, itp) train "
+        "the same hidden sizes as an `invertible` network (leaky ReLU 0.1, square layers, a square output layer "
+        "whose first 10 units are the logits); `bp [invertible]` is BP on that very network, and their speed and "
+        "memory ratios are taken against it.",
+        f"- Data: {', '.join(datasets)}; {train_size}; inputs standardised with training statistics. "
+        f"{suite.epochs} epoch(s), batch {suite.batch_size}, Adam, seeds 0..{suite.seeds - 1}; every other "
+        "option at the rule's default (`localcredit rules` lists them).",
+        f"- {tuning}",
+        "- Speed: the median epoch time after the first (warm-up) epoch, as a ratio to BP on the same network, "
+        "data and seed, averaged over seeds. Runs share the machine (see above), so ratios, not seconds, are "
+        "the figure to compare.",
+        "- Memory (first data set): *train memory* = peak RSS growth over the first training steps (gradients, "
+        "optimiser state, activations, temporaries); *held activations* = the most bytes autograd holds for "
+        "backward at one time in a step; both from `python -m localcredit.memory` in a fresh process. "
+        "*Peak RSS* = the whole run's peak resident memory, dominated by the data set and torch itself.",
+        "",
+        "## Test accuracy (mean ± std over seeds), speed and memory",
+        "",
+        *summary_table(rows, chosen, datasets, lrs),
+        "",
+        "Paper numbers are test accuracies from METHODS.md (BioTorch's LeNet benchmark for bp/fa/dfa; the "
+        "LFNN authors' released MLP logs); they come from other networks and training lengths, so they frame "
+        "the measured numbers rather than being targets. local-random/local-learned and nan have no reachable "
+        "numbers.",
+        "",
+    ]
+    for data in datasets:
+        lines += [f"## Alignment with BP on {data} (cosine between the rule's update and the BP gradient, per layer, "
+                  f"hidden layers then output; {suite.align_batch} training images)", "",
+                  *alignment_table(rows, chosen, data), ""]
+    tune = tuning_table(rows, chosen, datasets, lrs)
+    if tune:
+        lines += ["## Learning-rate choice (validation split, seed 0)", "", *tune, ""]
+    lines += ["## Plots", ""] + [f"![{name}]({name})" for name in PLOTS] + [
+        "", "Every run's `result.json` (per-epoch accuracy and loss, timings, the exact command), `log.txt` and "
+            "`alignment.json` are under `runs/`; memory probes under `memory/`; all rows in `results.csv`.", ""]
+    return "\n".join(lines)
+
+
+# ----- plots -----------------------------------------------------------------------------------
+def _colours(chosen: Sequence[Entry]) -> dict[str, tuple]:
+    # The dark tab20 shades first: neighbours in the legend should not share a hue.
+    cmap = plt.get_cmap("tab20")
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return {entry.label: cmap(order[i % 20]) for i, entry in enumerate(chosen)}
+
+
+MARKERS = "osD^v<>pXh*"
+
+
+def _finals(rows: list[dict], label: str, data: str) -> list[dict]:
+    return [r for r in rows if r["stage"] == "final" and r["label"] == label and r["data"] == data
+            and r["status"] == "ok"]
+
+
+def plot_learning_curves(path: Path, rows, chosen, datasets) -> None:
+    colours = _colours(chosen)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.8), squeeze=False)
+    for ax, data in zip(axes[0], datasets):
+        for entry in chosen:
+            curves = [[float(v) * 100 for v in r["accuracy_per_epoch"].split()] for r in _finals(rows, entry.label, data)]
+            if not curves:
+                continue
+            epochs = range(1, min(map(len, curves)) + 1)
+            mean = [statistics.mean(c[e - 1] for c in curves) for e in epochs]
+            std = [mean_std([c[e - 1] for c in curves])[1] for e in epochs]
+            marker = MARKERS[chosen.index(entry) % len(MARKERS)]
+            ax.plot(epochs, mean, marker=marker, color=colours[entry.label], label=entry.label)
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=colours[entry.label], alpha=0.15)
+        ax.set(title=f"Test accuracy per epoch: {data}", xlabel="epoch", ylabel="test accuracy (%)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right", ncol=2)
+    _save(fig, path)
+
+
+def plot_accuracy(path: Path, rows, chosen, datasets) -> None:
+    colours = _colours(chosen)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 0.4 * len(chosen) + 1.8), squeeze=False)
+    for ax, data in zip(axes[0], datasets):
+        stats = [(entry.label, *mean_std([r["accuracy"] * 100 for r in _finals(rows, entry.label, data)]))
+                 for entry in chosen if _finals(rows, entry.label, data)]
+        stats.sort(key=lambda s: s[1])
+        labels = [s[0] for s in stats]
+        ax.barh(labels, [s[1] for s in stats], xerr=[s[2] for s in stats], capsize=3,
+                color=[colours[label] for label in labels])
+        low = min(s[1] - s[2] for s in stats) if stats else 0
+        ax.set_xlim(max(0, low - 5), 100)
+        for y, (_, mean, _) in enumerate(stats):
+            ax.text(mean, y, f" {mean:.2f}", va="center", fontsize=7)
+        ax.set(title=f"Final test accuracy (mean ± std over seeds): {data}", xlabel="test accuracy (%)")
+        ax.grid(axis="x", alpha=0.3)
+    _save(fig, path)
+
+
+def plot_alignment(path: Path, rows, chosen, datasets) -> None:
+    colours = _colours(chosen)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.8), squeeze=False)
+    for ax, data in zip(axes[0], datasets):
+        for entry in chosen:
+            runs = [r for r in _finals(rows, entry.label, data) if r.get("alignment_final")]
+            if not runs:
+                continue
+            final = _layer_means([r["alignment_final"] for r in runs])
+            ax.plot(range(1, len(final) + 1), final, marker=MARKERS[chosen.index(entry) % len(MARKERS)],
+                    color=colours[entry.label], label=entry.label)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(title=f"Alignment with BP after training: {data}", xlabel="layer (last = output)",
+               ylabel="cosine(rule update, BP gradient)", ylim=(-0.2, 1.05))
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower left", ncol=2)
+    _save(fig, path)
+
+
+def plot_cost(path: Path, rows, chosen, datasets) -> None:
+    data = datasets[0]
+    colours = _colours(chosen)
+    panels = (("time_ratio_to_bp", "seconds per epoch / BP"), ("footprint_ratio_to_bp", "training memory / BP"),
+              ("saved_activations_ratio_to_bp", "held activations / BP"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 0.4 * len(chosen) + 1.8))
+    for ax, (key, title) in zip(axes, panels):
+        stats = []
+        for entry in chosen:
+            values = [r[key] for r in _finals(rows, entry.label, data) if r.get(key) is not None]
+            if values:
+                stats.append((entry.label, statistics.mean(values)))
+        ax.barh([s[0] for s in stats], [s[1] for s in stats], color=[colours[s[0]] for s in stats])
+        ax.axvline(1, color="black", lw=1, ls="--", label="BP = 1")
+        ax.set(title=f"{title} ({data})", xlabel="ratio to BP on the same network")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----- entry point -----------------------------------------------------------------------------
+def write_report(options, chosen: Sequence[Entry], tune: Sequence[Run], final: Sequence[Run], lrs: dict,
+                 alignments: dict, memory: dict) -> dict:
+    out, datasets = options.out, list(options.suite.datasets)
+    rows = [run_row(run, options, alignments, memory) for run in [*tune, *final]]
+    add_ratios(rows)
+    write_csv(out / "results.csv", rows)
+    wall = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    (out / "RESULTS.md").write_text(markdown(options, rows, chosen, lrs, wall))
+    for name, plot in zip(PLOTS, (plot_learning_curves, plot_accuracy, plot_alignment, plot_cost)):
+        plot(out / name, rows, chosen, datasets)
+    return {"rows": len(rows), "files": ["results.csv", "RESULTS.md", *PLOTS]}

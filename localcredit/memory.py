@@ -1,0 +1,113 @@
+"""What a training step costs in memory, beyond the data set and torch itself (Linux, CPU).
+
+A process's lifetime peak RSS is dominated by the data set and the torch runtime, so it hides
+the differences between rules. :func:`training_footprint` measures around real training steps:
+
+* ``footprint_mb``: peak RSS during the first steps minus RSS right before them (gradients,
+  optimiser state, activations and temporaries; the kernel's peak is reset with clear_refs);
+* ``step_peak_mb``: the same over later steps, after warm-up (activations and temporaries, as
+  far as the allocator returns memory);
+* ``saved_activations_mb``: the largest total size of tensors autograd holds for backward at one
+  time during a step (saved_tensors_hooks; parameters excluded): what detaching blocks frees.
+
+Run each measurement in a fresh process (``python -m localcredit.memory ...`` prints one JSON
+line), so nothing one rule allocated is left over for the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .rules.base import Rule
+
+
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+class SavedTensorMeter:
+    """Peak total bytes of the non-parameter tensors autograd keeps for backward."""
+
+    def __init__(self, parameters: Iterable[torch.Tensor]):
+        self.parameter_ptrs = {p.data_ptr() for p in parameters}
+        self.live = 0
+        self.peak = 0
+
+    def pack(self, tensor: torch.Tensor):
+        if tensor.data_ptr() in self.parameter_ptrs or tensor.untyped_storage().data_ptr() in self.parameter_ptrs:
+            return tensor
+        meter, size = self, tensor.numel() * tensor.element_size()  # a batch is a view of the whole data set
+
+        class Held:
+            def __init__(self):
+                self.tensor = tensor
+                meter.live += size
+                meter.peak = max(meter.peak, meter.live)
+
+            def __del__(self):
+                meter.live -= size
+
+        return Held()
+
+    @staticmethod
+    def unpack(held):
+        return held.tensor if not isinstance(held, torch.Tensor) else held
+
+
+def training_footprint(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Memory figures (MB) of ``rule.step`` over ``batches`` (at least 3; the first two warm up)."""
+    if len(batches) < 3:
+        raise ValueError("training_footprint needs at least 3 batches")
+    before = _status_kb("VmRSS")
+    _reset_peak()
+    for x, y in batches[:2]:
+        rule.step(x, y)
+    footprint = _status_kb("VmHWM") - before
+    steady = _status_kb("VmRSS")
+    _reset_peak()
+    for x, y in batches[2:]:
+        rule.step(x, y)
+    step_peak = _status_kb("VmHWM") - steady
+    meter = SavedTensorMeter(rule.parameters())
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        rule.step(*batches[0])
+    return {"footprint_mb": footprint / 1024, "step_peak_mb": step_peak / 1024,
+            "saved_activations_mb": meter.peak / 2**20,
+            "trainable_parameters": sum(p.numel() for p in rule.parameters() if p.requires_grad)}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m localcredit.memory --rule R --data D [--arch A] [--hidden H] [--batch-size B]``: one JSON line."""
+    from .experiment import RunSpec, build_rule, parse_hidden
+    from .data import load
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--rule", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--arch", default=None)
+    parser.add_argument("--hidden", type=parse_hidden, default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load(args.data)
+    rule = build_rule(RunSpec(rule=args.rule, data=args.data, arch=args.arch, hidden=args.hidden), data)
+    b = args.batch_size
+    batches = [(data.x_train[i * b:(i + 1) * b], data.y_train[i * b:(i + 1) * b]) for i in range(args.steps)]
+    print(json.dumps({"rule": args.rule, "arch": rule.net.arch, "batch_size": b,
+                      **training_footprint(rule, batches)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The benchmark: suites cover every registered rule, a tiny suite writes every output, re-runs skip."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from localcredit import rules
+from localcredit.bench import (SUITES, BenchOptions, Entry, Run, Suite, choose_learning_rates, entries,
+                               final_runs, run_bench, train_arguments, tuning_runs, validate_suite)
+from localcredit.bench_report import PLOTS
+from localcredit.cli import main
+from localcredit.rules.backprop import Backprop
+from localcredit.rules.base import _REGISTRY, register
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+TINY = Suite("tiny", "test suite", datasets=("fashion-mnist",), hidden=(64, 64), epochs=2, seeds=1,
+             limit_train=3000, tune_epochs=1, lr_factors=(1.0, 3.0))
+
+
+@pytest.mark.parametrize("name", sorted(SUITES))
+def test_every_suite_builds_a_valid_config_for_every_registered_rule(name):
+    chosen = entries(rules.available())
+    assert {e.rule for e in chosen} == set(rules.available())
+    validate_suite(SUITES[name], chosen)  # builds every network and rule; raises on a bad config
+    for run in [*tuning_runs(SUITES[name], chosen),
+                *final_runs(SUITES[name], chosen, {(e, d): 1e-3 for e in chosen for d in SUITES[name].datasets})]:
+        argv = train_arguments(run, SUITES[name], Path("out"), threads=1)
+        assert argv[argv.index("--rule") + 1] == run.entry.rule
+
+
+def test_bp_runs_on_every_network_a_rule_needs():
+    chosen = entries(["gaitprop", "fa"])
+    assert Entry("bp", "invertible") in chosen and Entry("bp", "mlp") in chosen
+    assert Entry("bp", "invertible").label == "bp [invertible]"
+    assert Entry("gaitprop", "invertible").label == "gaitprop"
+
+
+def test_a_new_rule_is_picked_up_without_editing_bench_code():
+    @register("bench-test-rule")
+    class NewRule(Backprop):
+        """A rule registered only inside this test."""
+
+    try:
+        chosen = entries(rules.available())
+        assert Entry("bench-test-rule", "mlp") in chosen
+        validate_suite(SUITES["quick"], chosen)
+    finally:
+        del _REGISTRY["bench-test-rule"]
+
+
+def _write_result(folder: Path, status: str, accuracy: float | None) -> None:
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"status": status, "test_accuracy": accuracy,
+                                                    "epochs": 1, "epochs_completed": 1}))
+
+
+def test_learning_rate_choice_uses_validation_accuracy_and_skips_diverged(tmp_path):
+    suite = replace(TINY, lr_factors=(1 / 3, 1.0, 3.0))
+    bp, fa = Entry("bp", "mlp"), Entry("fa", "mlp")
+    scores = {bp: ("ok", 0.80, "ok", 0.85, "ok", 0.84), fa: ("ok", 0.80, "ok", 0.80, "diverged", None)}
+    for entry, values in scores.items():
+        for lr, (status, accuracy) in zip((1e-3 / 3, 1e-3, 3e-3), zip(values[::2], values[1::2])):
+            _write_result(Run("tune", entry, "fashion-mnist", 0, lr).folder(tmp_path), status, accuracy)
+    chosen = choose_learning_rates(suite, [bp, fa], tmp_path)
+    assert chosen[bp, "fashion-mnist"] == 1e-3
+    assert chosen[fa, "fashion-mnist"] == 1e-3  # a tie goes to the default
+
+
+def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path):
+    options = BenchOptions(suite=TINY, out=tmp_path, rule_names=["bp", "local-random"], workers=2, threads=1,
+                           progress=False, command="pytest tiny suite")
+    summary = run_bench(options)
+    assert summary["trained"] == 2 * 2 + 2 and summary["skipped"] == 0
+
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == 6
+    assert {r["stage"] for r in rows} == {"tune", "final"}
+    assert all(r["status"] == "ok" for r in rows)
+    finals = [r for r in rows if r["stage"] == "final"]
+    assert {r["rule"] for r in finals} == {"bp", "local-random"}
+    assert all(float(r["accuracy"]) > 0.5 for r in finals)  # 3000 images, 2 epochs: far above chance (0.1)
+    assert all(r["evaluated_on"] == "test" for r in finals)
+    assert all(r["evaluated_on"] == "validation" for r in rows if r["stage"] == "tune")
+    bp = next(r for r in finals if r["rule"] == "bp")
+    assert float(bp["time_ratio_to_bp"]) == 1.0
+    assert [float(c) for c in bp["alignment_final"].split()] == pytest.approx([1, 1, 1], abs=1e-5)
+    local = next(r for r in finals if r["rule"] == "local-random")
+    assert float(local["saved_activations_ratio_to_bp"]) > 0
+    assert len(local["alignment_final"].split()) == 3
+
+    report = (tmp_path / "RESULTS.md").read_text()
+    for text in ("`bp`", "`local-random`", "90.8", "validation accuracy", "pytest tiny suite"):
+        assert text in report
+    for name in PLOTS:
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+    results = sorted(tmp_path.glob("runs/**/result.json"))
+    stamps = [p.stat().st_mtime_ns for p in results]
+    again = run_bench(options)
+    assert again["trained"] == 0 and again["skipped"] == 6
+    assert [p.stat().st_mtime_ns for p in results] == stamps
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--suite", "nope"], "unknown suite"),
+    (["bench", "--suite", "smoke", "--rules", "bp,nope"], "unknown rule"),
+    (["bench", "--suite", "smoke", "--seeds", "0"], "--seeds must be at least 1"),
+    (["bench", "--suite", "smoke", "--workers", "0"], "--workers must be at least 1"),
+])
+def test_bad_bench_options_exit_2_with_one_line_and_write_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
