@@ -56,7 +56,9 @@ class Suite:
     batch_size: int = 128
     limit_train: int | None = None  # first N training samples (None: all)
     tune_epochs: int = 0  # 0: every rule runs at its default learning rate
-    lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)  # tuning grid, times the rule's default
+    lr_step: float = 3.0  # tuning grid: the rule's default x lr_step**k, k = -lr_span..lr_span
+    lr_span: int = 1
+    lr_extensions: int = 2  # extra steps taken beyond an edge of the grid that scored best
     align_batch: int = 256
 
 
@@ -116,8 +118,8 @@ class Run:
         return VALIDATION_PREFIX + self.data if self.stage == "tune" else self.data
 
     def folder(self, out: Path) -> Path:
-        name = f"lr{self.lr:.3g}-seed{self.seed}" if self.stage == "tune" else f"seed{self.seed}"
-        return out / "runs" / self.stage / self.data / self.entry.slug / name
+        # The learning rate is part of the name, so a changed choice can never reuse another run.
+        return out / "runs" / self.stage / self.data / self.entry.slug / f"lr{self.lr:.3g}-seed{self.seed}"
 
 
 def spec_of(run: Run, suite: Suite) -> RunSpec:
@@ -137,13 +139,6 @@ def train_arguments(run: Run, suite: Suite, out: Path, threads: int) -> list[str
     return argv
 
 
-def tuning_runs(suite: Suite, chosen: Sequence[Entry]) -> list[Run]:
-    if not suite.tune_epochs:
-        return []
-    return [Run("tune", entry, data, 0, lr) for data in suite.datasets for entry in chosen
-            for lr in lr_grid(entry, suite)]
-
-
 def final_runs(suite: Suite, chosen: Sequence[Entry], learning_rates: dict[tuple[Entry, str], float]) -> list[Run]:
     return [Run("final", entry, data, seed, learning_rates[entry, data])
             for data in suite.datasets for entry in chosen for seed in range(suite.seeds)]
@@ -153,8 +148,8 @@ def default_lr(entry: Entry) -> float:
     return rules.get(entry.rule).default_lr("adam")
 
 
-def lr_grid(entry: Entry, suite: Suite) -> list[float]:
-    return [default_lr(entry) * factor for factor in suite.lr_factors]
+def initial_grid(entry: Entry, suite: Suite) -> list[float]:
+    return [default_lr(entry) * suite.lr_step ** k for k in range(-suite.lr_span, suite.lr_span + 1)]
 
 
 def validate_suite(suite: Suite, chosen: Sequence[Entry], input_shape: tuple[int, ...] = (1, 28, 28),
@@ -180,7 +175,7 @@ def is_finished(result: dict | None) -> bool:
         result.get("status") == "ok" and result.get("epochs_completed") == result.get("epochs"))
 
 
-def execute(argv: list[str], folder: Path) -> int:
+def execute(argv: list[str], folder: Path, threads: int) -> int:
     """Run ``localcredit <argv>`` in a fresh process, resuming from a checkpoint if a previous try left one."""
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "checkpoint.pt").exists():
@@ -189,7 +184,7 @@ def execute(argv: list[str], folder: Path) -> int:
         log.write("$ localcredit " + " ".join(argv) + "\n")
         log.flush()
         return subprocess.run([sys.executable, "-m", "localcredit", *argv], stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": argv[argv.index("--threads") + 1]}).returncode
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode
 
 
 def run_parallel(jobs: list[tuple[str, Callable[[], object]]], workers: int, desc: str,
@@ -221,28 +216,62 @@ def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: i
 
 
 def _train_job(run: Run, suite: Suite, out: Path, threads: int) -> Callable[[], int]:
-    return lambda: execute(train_arguments(run, suite, out, threads), run.folder(out))
+    return lambda: execute(train_arguments(run, suite, out, threads), run.folder(out), threads)
 
 
-def choose_learning_rates(suite: Suite, chosen: Sequence[Entry], out: Path) -> dict[tuple[Entry, str], float]:
-    """Per (entry, data set): the grid value with the best final validation accuracy (default without tuning).
+Grids = dict[tuple[Entry, str], list[float]]
 
-    Diverged runs count as accuracy -inf; ties go to the value closest to the rule's default.
+
+def tuning_runs(grids: Grids) -> list[Run]:
+    return [Run("tune", entry, data, 0, lr) for (entry, data), lrs in grids.items() for lr in lrs]
+
+
+def best_lr(entry: Entry, data: str, lrs: Sequence[float], out: Path) -> float:
+    """The learning rate whose tuning run ended with the best validation accuracy.
+
+    Diverged or missing runs count as accuracy -inf; ties go to the value closest to the rule's default.
     """
-    choice = {}
-    for data in suite.datasets:
-        for entry in chosen:
-            if not suite.tune_epochs:
-                choice[entry, data] = default_lr(entry)
-                continue
-            scored = []
-            for lr in lr_grid(entry, suite):
-                result = read_result(Run("tune", entry, data, 0, lr).folder(out)) or {}
-                accuracy = result.get("test_accuracy") if result.get("status") == "ok" else None
-                scored.append((-math.inf if accuracy is None else accuracy,
-                               -abs(math.log(lr / default_lr(entry))), lr))
-            choice[entry, data] = max(scored)[2]
-    return choice
+    scored = []
+    for lr in lrs:
+        result = read_result(Run("tune", entry, data, 0, lr).folder(out)) or {}
+        accuracy = result.get("test_accuracy") if result.get("status") == "ok" else None
+        scored.append((-math.inf if accuracy is None else accuracy, -abs(math.log(lr / default_lr(entry))), lr))
+    return max(scored)[2]
+
+
+def widen(lrs: Sequence[float], best: float, step: float) -> float | None:
+    """The next learning rate to try when the best one lies on an edge of the grid (None: it is inside)."""
+    if best == max(lrs):
+        return max(lrs) * step
+    if best == min(lrs):
+        return min(lrs) / step
+    return None
+
+
+def tune(suite: Suite, chosen: Sequence[Entry], out: Path,
+         run: Callable[[list[Run]], object]) -> tuple[dict[tuple[Entry, str], float], list[Run]]:
+    """Choose every (entry, data set)'s learning rate on the validation split; return the choice and the runs.
+
+    Each round trains the grid's unfinished runs (``run``); a grid whose best value lies on its edge
+    gets one more value beyond it, for at most ``lr_extensions`` rounds. Without ``tune_epochs``
+    every rule keeps its default.
+    """
+    grids: Grids = {(e, d): initial_grid(e, suite) if suite.tune_epochs else [default_lr(e)]
+                    for d in suite.datasets for e in chosen}
+    if not suite.tune_epochs:
+        return {key: lrs[0] for key, lrs in grids.items()}, []
+    for round_ in range(suite.lr_extensions + 1):
+        run(tuning_runs(grids))
+        widened = False
+        for (entry, data), lrs in grids.items():
+            extra = widen(lrs, best_lr(entry, data, lrs, out), suite.lr_step)
+            if extra is not None and round_ < suite.lr_extensions:
+                lrs.append(extra)
+                lrs.sort()
+                widened = True
+        if not widened:
+            break
+    return {(e, d): best_lr(e, d, lrs, out) for (e, d), lrs in grids.items()}, tuning_runs(grids)
 
 
 # ----- measurements a run's result.json does not hold --------------------------------------------
@@ -329,22 +358,22 @@ def run_bench(options: BenchOptions) -> dict:
     validate_suite(suite, chosen)
     datasets = {name: load(name) for name in suite.datasets}  # missing data fails here, before any run
     out.mkdir(parents=True, exist_ok=True)
-    trained = skipped = 0
     stage = dict(suite=suite, out=out, workers=options.workers, threads=options.threads, progress=options.progress)
-    tune = tuning_runs(suite, chosen)
-    n, s = run_stage(tune, desc="tuning (validation split)", **stage)
-    trained, skipped = trained + n, skipped + s
-    learning_rates = choose_learning_rates(suite, chosen, out)
+    trained = []
+
+    def train(runs: list[Run], desc: str) -> None:
+        trained.append(run_stage(runs, desc=desc, **stage)[0])
+
+    learning_rates, tune_runs = tune(suite, chosen, out, lambda runs: train(runs, "tuning (validation split)"))
     final = final_runs(suite, chosen, learning_rates)
-    n, s = run_stage(final, desc="final runs (test split)", **stage)
-    trained, skipped = trained + n, skipped + s
+    train(final, "final runs (test split)")
     finished_runs = [run for run in final if read_result(run.folder(out)).get("status") == "ok"]
     jobs = [(f"memory {e.slug} {d}", _memory_job(e, d, suite, out)) for d in suite.datasets for e in chosen]
     memory = run_parallel(jobs, options.workers, "memory probes", options.progress)
     alignments = {run: measure_alignment(run, suite, out, datasets) for run in finished_runs}
-    report = write_report(options, chosen, tune, final, learning_rates, alignments,
+    report = write_report(options, chosen, tune_runs, final, learning_rates, alignments,
                           {(e, d): memory[f"memory {e.slug} {d}"] for d in suite.datasets for e in chosen})
-    return {"trained": trained, "skipped": skipped, **report}
+    return {"trained": sum(trained), "skipped": len(tune_runs) + len(final) - sum(trained), **report}
 
 
 def _memory_job(entry: Entry, data: str, suite: Suite, out: Path) -> Callable[[], dict]:

@@ -188,12 +188,14 @@ def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall
     suite = options.suite
     datasets = list(suite.datasets)
     train_size = f"the first {suite.limit_train:,} training images" if suite.limit_train else "the whole training split"
-    tuning = (f"Learning rates: for every rule and data set, Adam with {len(suite.lr_factors)} learning rates "
-              f"(the rule's default x {', '.join(f'{f:.3g}' for f in suite.lr_factors)}) trained for "
-              f"{suite.tune_epochs} epochs, seed 0, on a validation split carved from the training data "
-              f"(`--data val:NAME`: a fixed stratified 1/6 of the training split is held out and evaluated, the "
-              f"rest trains); the value with the best final validation accuracy is used for the test runs "
-              f"(ties: the one closest to the default). The test split is never seen by this choice."
+    tuning = (f"Learning rates: for every rule and data set, Adam at the rule's default learning rate x "
+              f"{suite.lr_step:g}^k, k = -{suite.lr_span}..{suite.lr_span}, each trained for {suite.tune_epochs} "
+              f"epoch(s), seed 0, on a validation split carved from the training data (`--data val:NAME`: a fixed, "
+              f"stratified sixth of the training split is held out and evaluated, the rest trains). When the best "
+              f"value lies on an edge of the grid, the grid grows by one more x{suite.lr_step:g} step beyond it "
+              f"(at most {suite.lr_extensions} times). The value with the best final validation accuracy is used "
+              f"for the test runs (ties: the one closest to the default). The test split is never seen by this "
+              f"choice."
               if suite.tune_epochs else
               "Learning rates: every rule at its documented default (Adam 1e-3; 1e-4 for gaitprop/tp/itp, "
               "whose orthogonality regulariser needs slow steps); no tuning in this suite.")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from localcredit import rules
-from localcredit.bench import (SUITES, BenchOptions, Entry, Run, Suite, choose_learning_rates, entries,
-                               final_runs, run_bench, train_arguments, tuning_runs, validate_suite)
+from localcredit.bench import (SUITES, BenchOptions, Entry, Run, Suite, entries, final_runs, initial_grid, run_bench,
+                               train_arguments, tune, tuning_runs, validate_suite, widen)
 from localcredit.bench_report import PLOTS
 from localcredit.cli import main
 from localcredit.rules.backprop import Backprop
@@ -20,7 +20,7 @@ from localcredit.rules.base import _REGISTRY, register
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 TINY = Suite("tiny", "test suite", datasets=("fashion-mnist",), hidden=(64, 64), epochs=2, seeds=1,
-             limit_train=3000, tune_epochs=1, lr_factors=(1.0, 3.0))
+             limit_train=3000, tune_epochs=1, lr_span=1, lr_extensions=0)
 
 
 @pytest.mark.parametrize("name", sorted(SUITES))
@@ -28,9 +28,10 @@ def test_every_suite_builds_a_valid_config_for_every_registered_rule(name):
     chosen = entries(rules.available())
     assert {e.rule for e in chosen} == set(rules.available())
     validate_suite(SUITES[name], chosen)  # builds every network and rule; raises on a bad config
-    for run in [*tuning_runs(SUITES[name], chosen),
-                *final_runs(SUITES[name], chosen, {(e, d): 1e-3 for e in chosen for d in SUITES[name].datasets})]:
-        argv = train_arguments(run, SUITES[name], Path("out"), threads=1)
+    suite = SUITES[name]
+    grids = {(e, d): initial_grid(e, suite) for e in chosen for d in suite.datasets}
+    for run in [*tuning_runs(grids), *final_runs(suite, chosen, {key: 1e-3 for key in grids})]:
+        argv = train_arguments(run, suite, Path("out"), threads=1)
         assert argv[argv.index("--rule") + 1] == run.entry.rule
 
 
@@ -60,26 +61,41 @@ def _write_result(folder: Path, status: str, accuracy: float | None) -> None:
                                                     "epochs": 1, "epochs_completed": 1}))
 
 
-def test_learning_rate_choice_uses_validation_accuracy_and_skips_diverged(tmp_path):
-    suite = replace(TINY, lr_factors=(1 / 3, 1.0, 3.0))
+def test_tuning_picks_the_best_validation_accuracy_and_widens_a_grid_whose_edge_wins(tmp_path):
+    suite = replace(TINY, lr_span=1, lr_extensions=2)
     bp, fa = Entry("bp", "mlp"), Entry("fa", "mlp")
-    scores = {bp: ("ok", 0.80, "ok", 0.85, "ok", 0.84), fa: ("ok", 0.80, "ok", 0.80, "diverged", None)}
-    for entry, values in scores.items():
-        for lr, (status, accuracy) in zip((1e-3 / 3, 1e-3, 3e-3), zip(values[::2], values[1::2])):
-            _write_result(Run("tune", entry, "fashion-mnist", 0, lr).folder(tmp_path), status, accuracy)
-    chosen = choose_learning_rates(suite, [bp, fa], tmp_path)
-    assert chosen[bp, "fashion-mnist"] == 1e-3
-    assert chosen[fa, "fashion-mnist"] == 1e-3  # a tie goes to the default
+    # Validation accuracy as a function of the learning rate: bp peaks at 9e-3 (beyond the first grid),
+    # fa is flat between 1/3e-3 and 1e-3 and diverges above.
+    outcome = {bp: lambda lr: ("ok", 0.8 + min(lr, 9e-3)), fa: lambda lr: ("ok", 0.8) if lr < 2e-3 else ("diverged", None)}
+    rounds = []
+
+    def fake_train(runs):
+        rounds.append(len(runs))
+        for run in runs:
+            if not run.folder(tmp_path).exists():
+                _write_result(run.folder(tmp_path), *outcome[run.entry](run.lr))
+
+    chosen, runs = tune(suite, [bp, fa], tmp_path, fake_train)
+    assert chosen[bp, "fashion-mnist"] == pytest.approx(9e-3)
+    assert chosen[fa, "fashion-mnist"] == 1e-3  # a tie goes to the value closest to the default
+    assert sorted(r.lr for r in runs if r.entry == bp) == pytest.approx([1e-3 / 3, 1e-3, 3e-3, 9e-3, 27e-3])
+    assert rounds == [6, 7, 8]  # two widening rounds for bp, none for fa
+
+
+def test_widen_only_at_an_edge():
+    assert widen([1, 3, 9], 9, 3) == 27
+    assert widen([1, 3, 9], 1, 3) == pytest.approx(1 / 3)
+    assert widen([1, 3, 9], 3, 3) is None
 
 
 def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path):
     options = BenchOptions(suite=TINY, out=tmp_path, rule_names=["bp", "local-random"], workers=2, threads=1,
                            progress=False, command="pytest tiny suite")
     summary = run_bench(options)
-    assert summary["trained"] == 2 * 2 + 2 and summary["skipped"] == 0
+    assert summary["trained"] == 2 * 3 + 2 and summary["skipped"] == 0
 
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert len(rows) == 6
+    assert len(rows) == 8
     assert {r["stage"] for r in rows} == {"tune", "final"}
     assert all(r["status"] == "ok" for r in rows)
     finals = [r for r in rows if r["stage"] == "final"]
@@ -103,7 +119,7 @@ def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path
     results = sorted(tmp_path.glob("runs/**/result.json"))
     stamps = [p.stat().st_mtime_ns for p in results]
     again = run_bench(options)
-    assert again["trained"] == 0 and again["skipped"] == 6
+    assert again["trained"] == 0 and again["skipped"] == 8
     assert [p.stat().st_mtime_ns for p in results] == stamps
 
 
