@@ -38,7 +38,7 @@ import torch
 
 from localcredit.data import load
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.memory import training_footprint
+from localcredit.probe import training_footprint
 from localcredit.train import TrainConfig, Trainer
 
 RULES = ["bp", "local-random", "local-learned", "lfnn-l", "lfnn"]

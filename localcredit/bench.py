@@ -4,7 +4,8 @@
 executes each as its own ``localcredit train`` process (so every run's peak memory and timing are
 its own, and a killed bench loses at most the epoch in progress: a run with a checkpoint is
 resumed, a run with a final result.json is skipped), then measures what a run's result.json does
-not hold (per-layer alignment with BP of the trained weights, the training-step memory footprint)
+not hold (per-layer alignment with BP of the trained weights; the time and memory of a training
+step, probed one rule at a time so that no other run shares the CPU)
 and writes results.csv, RESULTS.md and plots (``bench_report``).
 
 Fairness, by construction:
@@ -302,21 +303,21 @@ def measure_alignment(run: Run, suite: Suite, out: Path, datasets: dict) -> dict
     return payload
 
 
-def memory_file(entry: Entry, data: str, out: Path) -> Path:
-    return out / "memory" / data / f"{entry.slug}.json"
+def probe_file(entry: Entry, out: Path) -> Path:
+    return out / "probes" / f"{entry.slug}.json"
 
 
-def measure_memory(entry: Entry, data: str, suite: Suite, out: Path) -> dict:
-    """Training-step memory of an entry, measured in a fresh process (``localcredit.memory``)."""
-    path = memory_file(entry, data, out)
+def probe(entry: Entry, data: str, suite: Suite, out: Path) -> dict:
+    """Step time and memory of an entry, measured alone in a fresh process (``localcredit.probe``), one thread."""
+    path = probe_file(entry, out)
     if path.exists():
         return json.loads(path.read_text())
-    command = [sys.executable, "-m", "localcredit.memory", "--rule", entry.rule, "--data", data, "--arch", entry.arch,
+    command = [sys.executable, "-m", "localcredit.probe", "--rule", entry.rule, "--data", data, "--arch", entry.arch,
                "--hidden", ",".join(map(str, suite.hidden)), "--batch-size", str(suite.batch_size), "--threads", "1"]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
-        raise RuntimeError(f"memory measurement of {entry.label} on {data} failed: {done.stderr.strip()[-300:]}")
-    payload = json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"probing {entry.label} on {data} failed: {done.stderr.strip()[-300:]}")
+    payload = {**json.loads(done.stdout.strip().splitlines()[-1]), "data": data}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload) + "\n")
     return payload
@@ -368,16 +369,13 @@ def run_bench(options: BenchOptions) -> dict:
     final = final_runs(suite, chosen, learning_rates)
     train(final, "final runs (test split)")
     finished_runs = [run for run in final if read_result(run.folder(out)).get("status") == "ok"]
-    jobs = [(f"memory {e.slug} {d}", _memory_job(e, d, suite, out)) for d in suite.datasets for e in chosen]
-    memory = run_parallel(jobs, options.workers, "memory probes", options.progress)
+    # One at a time, after the runs: a probe's timing must not share the CPU with anything of ours.
+    probes = {e: probe(e, suite.datasets[0], suite, out)
+              for e in tqdm(chosen, desc="probes (step time, memory)", disable=not options.progress or None,
+                            file=sys.stderr)}
     alignments = {run: measure_alignment(run, suite, out, datasets) for run in finished_runs}
-    report = write_report(options, chosen, tune_runs, final, learning_rates, alignments,
-                          {(e, d): memory[f"memory {e.slug} {d}"] for d in suite.datasets for e in chosen})
+    report = write_report(options, chosen, tune_runs, final, learning_rates, alignments, probes)
     return {"trained": sum(trained), "skipped": len(tune_runs) + len(final) - sum(trained), **report}
-
-
-def _memory_job(entry: Entry, data: str, suite: Suite, out: Path) -> Callable[[], dict]:
-    return lambda: measure_memory(entry, data, suite, out)
 
 
 def with_seeds(suite: Suite, seeds: int | None) -> Suite:

@@ -1,6 +1,6 @@
 """The outputs of a benchmark suite: results.csv (one row per run), RESULTS.md and PNG plots.
 
-Everything here is read back from the runs' own files (result.json, alignment.json, the memory
+Everything here is read back from the runs' own files (result.json, alignment.json, the
 probes), so a report can be rebuilt at any time from a bench folder.
 """
 
@@ -54,7 +54,7 @@ def _fmt(values: Sequence[float], scale: float = 100, digits: int = 2) -> str:
 
 
 # ----- rows ------------------------------------------------------------------------------------
-def run_row(run: Run, options, alignments: dict, memory: dict) -> dict:
+def run_row(run: Run, options, alignments: dict, probes: dict) -> dict:
     result = read_result(run.folder(options.out)) or {}
     suite = options.suite
     row = {"suite": suite.name, "stage": run.stage, "data": run.data,
@@ -68,9 +68,11 @@ def run_row(run: Run, options, alignments: dict, memory: dict) -> dict:
            "samples_per_second": result.get("samples_per_second"),
            "peak_rss_mb": result.get("peak_memory_mb"), "parameters": result.get("parameters")}
     if run.stage == "final":
-        probe = memory.get((run.entry, run.data), {})
+        # Probes ran on the first data set only (a step costs the same on MNIST and Fashion-MNIST).
+        probe = probes.get(run.entry, {}) if run.data == suite.datasets[0] else {}
         align = alignments.get(run, {})
-        row.update(footprint_mb=probe.get("footprint_mb"), saved_activations_mb=probe.get("saved_activations_mb"),
+        row.update(ms_per_step=probe.get("ms_per_step"), footprint_mb=probe.get("footprint_mb"),
+                   saved_activations_mb=probe.get("saved_activations_mb"),
                    alignment_init=" ".join(f"{c:.4f}" for c in align.get("init", [])),
                    alignment_final=" ".join(f"{c:.4f}" for c in align.get("final", [])))
     row["result_json"] = str(run.folder(options.out) / "result.json")
@@ -78,12 +80,13 @@ def run_row(run: Run, options, alignments: dict, memory: dict) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Per final run: seconds per epoch and memory as ratios to BP on the same network, data and seed."""
+    """Per final run: step time, epoch time and memory as ratios to BP on the same network, data and seed."""
     reference = {(r["arch"], r["data"], r["seed"]): r for r in rows
                  if r["stage"] == "final" and r["rule"] == REFERENCE and r["status"] == "ok"}
     for row in rows:
         bp = reference.get((row["arch"], row["data"], row["seed"])) if row["stage"] == "final" else None
-        for key, ratio in (("seconds_per_epoch", "time_ratio_to_bp"), ("footprint_mb", "footprint_ratio_to_bp"),
+        for key, ratio in (("ms_per_step", "step_time_ratio_to_bp"), ("seconds_per_epoch", "epoch_time_ratio_to_bp"),
+                           ("footprint_mb", "footprint_ratio_to_bp"),
                            ("saved_activations_mb", "saved_activations_ratio_to_bp"),
                            ("peak_rss_mb", "peak_rss_ratio_to_bp")):
             ok = bp is not None and row.get(key) is not None and bp.get(key)
@@ -127,7 +130,7 @@ def summary_table(rows: list[dict], chosen: Sequence[Entry], datasets: Sequence[
     header = ["rule", "network"]
     for data in datasets:
         header += [f"lr ({data})", f"{data} test acc. %", f"paper ({data})"]
-    header += ["s/epoch vs BP", "train memory vs BP", "held activations vs BP", "peak RSS vs BP"]
+    header += ["step time vs BP", "train memory vs BP", "held activations vs BP", "peak RSS vs BP"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     first = datasets[0]
     for entry in chosen:
@@ -140,12 +143,16 @@ def summary_table(rows: list[dict], chosen: Sequence[Entry], datasets: Sequence[
                       _fmt(ok) + (f" ({diverged} diverged)" if diverged else ""),
                       PAPER_REFERENCES.get(entry.rule, {}).get(data, "-")]
         runs = by_key[entry.label, first]
-        for key in ("time_ratio_to_bp", "footprint_ratio_to_bp", "saved_activations_ratio_to_bp",
+        for key in ("step_time_ratio_to_bp", "footprint_ratio_to_bp", "saved_activations_ratio_to_bp",
                     "peak_rss_ratio_to_bp"):
             values = [r[key] for r in runs if r.get(key) is not None]
-            cells.append(f"{statistics.mean(values):.2f}" if values else "-")
+            cells.append(_ratio(statistics.mean(values)) if values else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
 
 
 def alignment_table(rows: list[dict], chosen: Sequence[Entry], data: str) -> list[str]:
@@ -184,8 +191,10 @@ def tuning_table(rows: list[dict], chosen: Sequence[Entry], datasets: Sequence[s
     return lines
 
 
-def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall: str) -> str:
+def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall: str, probes: dict) -> str:
     suite = options.suite
+    loads = [p["load_average_1min"] for p in probes.values() if "load_average_1min" in p]
+    load = f" (1-minute load average after each probe: {min(loads):.1f}-{max(loads):.1f})" if loads else ""
     datasets = list(suite.datasets)
     train_size = f"the first {suite.limit_train:,} training images" if suite.limit_train else "the whole training split"
     tuning = (f"Learning rates: for every rule and data set, Adam at the rule's default learning rate x "
@@ -221,13 +230,14 @@ def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall
         f"{suite.epochs} epoch(s), batch {suite.batch_size}, Adam, seeds 0..{suite.seeds - 1}; every other "
         "option at the rule's default (`localcredit rules` lists them).",
         f"- {tuning}",
-        "- Speed: the median epoch time after the first (warm-up) epoch, as a ratio to BP on the same network, "
-        "data and seed, averaged over seeds. Runs share the machine (see above), so ratios, not seconds, are "
-        "the figure to compare.",
-        "- Memory (first data set): *train memory* = peak RSS growth over the first training steps (gradients, "
-        "optimiser state, activations, temporaries); *held activations* = the most bytes autograd holds for "
-        "backward at one time in a step; both from `python -m localcredit.memory` in a fresh process. "
-        "*Peak RSS* = the whole run's peak resident memory, dominated by the data set and torch itself.",
+        "- Speed and memory: measured after the runs by `python -m localcredit.probe`, one rule at a time in a fresh "
+        f"process on one thread, nothing else of the bench running{load}, on {datasets[0]}: *step time* = median wall "
+        "time of a training step (after warm-up), as a ratio to BP on the same network. *Train memory* = peak "
+        "RSS growth over the first training steps (gradients, optimiser state, activations, temporaries); "
+        "*held activations* = the most bytes autograd holds for backward at one time in a step. *Peak RSS* = a "
+        "run's whole peak resident memory, dominated by the data set and torch itself. The runs' own epoch "
+        "times (results.csv: `seconds_per_epoch`, `epoch_time_ratio_to_bp`) were taken while runs shared the "
+        "CPU, so they are noisier.",
         "",
         "## Test accuracy (mean ± std over seeds), speed and memory",
         "",
@@ -332,7 +342,7 @@ def plot_alignment(path: Path, rows, chosen, datasets) -> None:
 def plot_cost(path: Path, rows, chosen, datasets) -> None:
     data = datasets[0]
     colours = _colours(chosen)
-    panels = (("time_ratio_to_bp", "seconds per epoch / BP"), ("footprint_ratio_to_bp", "training memory / BP"),
+    panels = (("step_time_ratio_to_bp", "training step time / BP"), ("footprint_ratio_to_bp", "training memory / BP"),
               ("saved_activations_ratio_to_bp", "held activations / BP"))
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 0.4 * len(chosen) + 1.8))
     for ax, (key, title) in zip(axes, panels):
@@ -357,13 +367,13 @@ def _save(fig, path: Path) -> None:
 
 # ----- entry point -----------------------------------------------------------------------------
 def write_report(options, chosen: Sequence[Entry], tune: Sequence[Run], final: Sequence[Run], lrs: dict,
-                 alignments: dict, memory: dict) -> dict:
+                 alignments: dict, probes: dict) -> dict:
     out, datasets = options.out, list(options.suite.datasets)
-    rows = [run_row(run, options, alignments, memory) for run in [*tune, *final]]
+    rows = [run_row(run, options, alignments, probes) for run in [*tune, *final]]
     add_ratios(rows)
     write_csv(out / "results.csv", rows)
     wall = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    (out / "RESULTS.md").write_text(markdown(options, rows, chosen, lrs, wall))
+    (out / "RESULTS.md").write_text(markdown(options, rows, chosen, lrs, wall, probes))
     for name, plot in zip(PLOTS, (plot_learning_curves, plot_accuracy, plot_alignment, plot_cost)):
         plot(out / name, rows, chosen, datasets)
     return {"rows": len(rows), "files": ["results.csv", "RESULTS.md", *PLOTS]}

@@ -104,7 +104,7 @@ def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path
     assert all(r["evaluated_on"] == "test" for r in finals)
     assert all(r["evaluated_on"] == "validation" for r in rows if r["stage"] == "tune")
     bp = next(r for r in finals if r["rule"] == "bp")
-    assert float(bp["time_ratio_to_bp"]) == 1.0
+    assert float(bp["step_time_ratio_to_bp"]) == 1.0 and float(bp["epoch_time_ratio_to_bp"]) == 1.0
     assert [float(c) for c in bp["alignment_final"].split()] == pytest.approx([1, 1, 1], abs=1e-5)
     local = next(r for r in finals if r["rule"] == "local-random")
     assert float(local["saved_activations_ratio_to_bp"]) > 0

@@ -1,7 +1,10 @@
-"""What a training step costs in memory, beyond the data set and torch itself (Linux, CPU).
+"""What a training step costs in time and memory, beyond the data set and torch itself (Linux, CPU).
 
-A process's lifetime peak RSS is dominated by the data set and the torch runtime, so it hides
-the differences between rules. :func:`training_footprint` measures around real training steps:
+:func:`step_time_ms` is the median wall time of ``rule.step`` after warm-up steps, on the threads
+the caller allows: run alone on a quiet machine, it is a cleaner speed figure than epoch times of
+runs that share the CPU. A process's lifetime peak RSS is dominated by the data set and the torch
+runtime, so it hides the differences between rules; :func:`training_footprint` measures around
+real training steps:
 
 * ``footprint_mb``: peak RSS during the first steps minus RSS right before them (gradients,
   optimiser state, activations and temporaries; the kernel's peak is reset with clear_refs);
@@ -10,7 +13,7 @@ the differences between rules. :func:`training_footprint` measures around real t
 * ``saved_activations_mb``: the largest total size of tensors autograd holds for backward at one
   time during a step (saved_tensors_hooks; parameters excluded): what detaching blocks frees.
 
-Run each measurement in a fresh process (``python -m localcredit.memory ...`` prints one JSON
+Run each measurement in a fresh process (``python -m localcredit.probe ...`` prints one JSON
 line), so nothing one rule allocated is left over for the next.
 """
 
@@ -18,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import statistics
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -86,8 +92,20 @@ def training_footprint(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.T
             "trainable_parameters": sum(p.numel() for p in rule.parameters() if p.requires_grad)}
 
 
+def step_time_ms(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], warmup: int = 3) -> float:
+    """Median milliseconds of one ``rule.step`` over ``batches`` after ``warmup`` untimed steps."""
+    for x, y in batches[:warmup]:
+        rule.step(x, y)
+    times = []
+    for x, y in batches[warmup:]:
+        start = time.perf_counter()
+        rule.step(x, y)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m localcredit.memory --rule R --data D [--arch A] [--hidden H] [--batch-size B]``: one JSON line."""
+    """``python -m localcredit.probe --rule R --data D [--arch A] [--hidden H] [--batch-size B]``: one JSON line."""
     from .experiment import RunSpec, build_rule, parse_hidden
     from .data import load
 
@@ -97,16 +115,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--arch", default=None)
     parser.add_argument("--hidden", type=parse_hidden, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="steps of the memory measurement")
+    parser.add_argument("--timed-steps", type=int, default=30, help="steps timed after them")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load(args.data)
     rule = build_rule(RunSpec(rule=args.rule, data=args.data, arch=args.arch, hidden=args.hidden), data)
     b = args.batch_size
-    batches = [(data.x_train[i * b:(i + 1) * b], data.y_train[i * b:(i + 1) * b]) for i in range(args.steps)]
-    print(json.dumps({"rule": args.rule, "arch": rule.net.arch, "batch_size": b,
-                      **training_footprint(rule, batches)}))
+    batches = [(data.x_train[i * b:(i + 1) * b], data.y_train[i * b:(i + 1) * b])
+               for i in range(args.steps + args.timed_steps)]
+    memory = training_footprint(rule, batches[:args.steps])
+    milliseconds = step_time_ms(rule, batches[args.steps:], warmup=0)  # the memory steps warmed it up
+    print(json.dumps({"rule": args.rule, "arch": rule.net.arch, "batch_size": b, "threads": args.threads,
+                      "load_average_1min": os.getloadavg()[0],  # what else used the CPU while it timed
+                      **memory, "ms_per_step": milliseconds, "timed_steps": args.timed_steps}))
 
 
 if __name__ == "__main__":
