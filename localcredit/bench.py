@@ -217,7 +217,15 @@ def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: i
 
 
 def _train_job(run: Run, suite: Suite, out: Path, threads: int) -> Callable[[], int]:
-    return lambda: execute(train_arguments(run, suite, out, threads), run.folder(out), threads)
+    def job() -> int:
+        code = execute(train_arguments(run, suite, out, threads), run.folder(out), threads)
+        if run.stage == "tune" and is_finished(read_result(run.folder(out))):
+            # Only the validation accuracy of a tuning run is used; its weights would fill the disk
+            # (the full suite's tuning checkpoints take gigabytes).
+            (run.folder(out) / "checkpoint.pt").unlink(missing_ok=True)
+        return code
+
+    return job
 
 
 Grids = dict[tuple[Entry, str], list[float]]

@@ -312,8 +312,8 @@ def plot_accuracy(path: Path, rows, chosen, datasets) -> None:
                 color=[colours[label] for label in labels])
         low = min(s[1] - s[2] for s in stats) if stats else 0
         ax.set_xlim(max(0, low - 5), 100)
-        for y, (_, mean, _) in enumerate(stats):
-            ax.text(mean, y, f" {mean:.2f}", va="center", fontsize=7)
+        for y, (_, mean, std) in enumerate(stats):
+            ax.text(mean + std, y, f"  {mean:.2f}", va="center", fontsize=7)  # right of the error bar
         ax.set(title=f"Final test accuracy (mean ± std over seeds): {data}", xlabel="test accuracy (%)")
         ax.grid(axis="x", alpha=0.3)
     _save(fig, path)

@@ -110,6 +110,9 @@ def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path
     assert float(local["saved_activations_ratio_to_bp"]) > 0
     assert len(local["alignment_final"].split()) == 3
 
+    assert not list(tmp_path.glob("runs/tune/**/checkpoint.pt"))  # tuning weights are not kept
+    assert len(list(tmp_path.glob("runs/final/**/checkpoint.pt"))) == 2
+
     report = (tmp_path / "RESULTS.md").read_text()
     for text in ("`bp`", "`local-random`", "90.8", "validation accuracy", "pytest tiny suite"):
         assert text in report
