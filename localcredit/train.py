@@ -4,6 +4,10 @@ It knows no rule: it only calls ``rule.step``, ``rule.predict``, ``rule.start_ep
 ``rule.statistics`` and the rule's checkpoint state. The loop reads like a textbook one and
 exposes hooks (``before_epoch``, ``after_step``, ``after_epoch``) for code that wants to watch
 or steer a run without subclassing.
+
+It knows no process layout either: a :class:`Parallelism` runs its epochs and steps and says
+whether this process is the one that evaluates and writes. The default is one process doing
+everything; ``localcredit.distributed`` provides data-parallel and block-pipeline ones.
 """
 
 from __future__ import annotations
@@ -96,13 +100,39 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 Hook = Callable[..., None]
 
 
+class Parallelism:
+    """How a Trainer's work is spread over processes. This default: one process does everything."""
+
+    #: This process evaluates, writes result.json and checkpoints, and shows the progress bar.
+    writer: bool = True
+
+    def attach(self, trainer: "Trainer") -> None:
+        """Once per fit, after a resume has loaded the checkpoint, before the first epoch."""
+
+    def train_epoch(self, trainer: "Trainer", epoch: int) -> None:
+        trainer.train_epoch(epoch)
+
+    def step(self, trainer: "Trainer", index: torch.Tensor) -> dict[str, float]:
+        """One training step on the samples ``index`` of the training set (the whole global batch)."""
+        return trainer.rule.step(trainer.x_train[index], trainer.y_train[index])
+
+    def finish_epoch(self, trainer: "Trainer") -> None:
+        """After an epoch's training, before the writer evaluates and checkpoints it."""
+
+    def describe(self) -> dict[str, Any]:
+        """The ``parallel`` entry of result.json."""
+        return {"mode": "none", "procs": 1, "backend": None}
+
+
 class Trainer:
     """Train ``rule`` on ``data``; with ``out_dir``, write result.json and a checkpoint after each epoch."""
 
     def __init__(self, rule: Rule, data: Dataset, config: TrainConfig, out_dir: str | Path | None = None,
-                 run_info: dict[str, Any] | None = None, device: str | torch.device = "cpu"):
+                 run_info: dict[str, Any] | None = None, device: str | torch.device = "cpu",
+                 parallel: Parallelism | None = None):
         config.validate()
         self.rule = rule
+        self.parallel = parallel if parallel is not None else Parallelism()
         self.config = config
         self.device = torch.device(device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -130,15 +160,19 @@ class Trainer:
     # ----- the loop ------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
         if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.parallel.writer:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
             if resume:
                 self._load_checkpoint()
+        self.parallel.attach(self)
         try:
             for epoch in range(self.epochs_done, self.config.epochs):
                 self._call("before_epoch", epoch)
                 self.rule.start_epoch(epoch, self.config.epochs)
-                self.train_epoch(epoch)
-                self.history["test_accuracy"].append(self.evaluate(self.x_test, self.y_test))
+                self.parallel.train_epoch(self, epoch)
+                self.parallel.finish_epoch(self)
+                if self.parallel.writer:
+                    self.history["test_accuracy"].append(self.evaluate(self.x_test, self.y_test))
                 self.epochs_done = epoch + 1
                 self._call("after_epoch", epoch)
                 self._save_checkpoint()
@@ -150,17 +184,23 @@ class Trainer:
         self._write_result(result)
         return result
 
+    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        """The sample indices of every step of ``epoch``, in order (the same in every process)."""
+        order = epoch_order(len(self.x_train), self.config.seed, epoch).to(self.device)
+        return list(order.split(self.config.batch_size))
+
+    def progress_bar(self, epoch: int, steps: int) -> tqdm:
+        return tqdm(range(steps), desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch",
+                    disable=not (self.config.progress and self.parallel.writer) or None, leave=False,
+                    file=sys.stderr)
+
     def train_epoch(self, epoch: int) -> None:
-        n, batch = len(self.x_train), self.config.batch_size
-        order = epoch_order(n, self.config.seed, epoch).to(self.device)
+        batches = self.epoch_batches(epoch)
         totals: dict[str, float] = defaultdict(float)
-        steps = math.ceil(n / batch)
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch",
-                   disable=not self.config.progress or None, leave=False, file=sys.stderr)
+        bar = self.progress_bar(epoch, len(batches))
         start = time.perf_counter()
         for step in bar:
-            index = order[step * batch:(step + 1) * batch]
-            stats = self.rule.step(self.x_train[index], self.y_train[index])
+            stats = self.parallel.step(self, batches[step])
             if not math.isfinite(stats["loss"]):
                 raise Diverged(epoch + 1, step + 1, "the loss")
             for key, value in stats.items():
@@ -170,12 +210,15 @@ class Trainer:
             self._call("after_step", epoch, step, stats)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
+        self.record_epoch(epoch, time.perf_counter() - start, {k: v / len(batches) for k, v in totals.items()})
+
+    def record_epoch(self, epoch: int, seconds: float, mean_stats: dict[str, float]) -> None:
+        """Check the weights, then log an epoch's duration and its per-step mean of every logged figure."""
         if not all(torch.isfinite(p).all() for p in self.rule.parameters()):
-            raise Diverged(epoch + 1, steps, "a weight")
+            raise Diverged(epoch + 1, math.ceil(len(self.x_train) / self.config.batch_size), "a weight")
         self.history["seconds_per_epoch"].append(seconds)
-        for key, total in totals.items():
-            self.history[f"train_{key}"].append(total / steps)
+        for key, mean in mean_stats.items():
+            self.history[f"train_{key}"].append(mean)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -207,6 +250,7 @@ class Trainer:
             "train_metrics_per_epoch": {k[len("train_"):]: v for k, v in self.history.items()
                                         if k.startswith("train_") and k != "train_loss"},
             "rule_statistics": self.rule.statistics(),
+            "parallel": self.parallel.describe(),
             "device": str(self.device),
             "torch_version": torch.__version__,
         }
@@ -215,7 +259,7 @@ class Trainer:
         return result
 
     def _write_result(self, result: dict[str, Any]) -> None:
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.parallel.writer:
             write_json(self.out_dir / RESULT, result)
 
     def _fingerprint(self) -> dict[str, Any]:
@@ -225,7 +269,7 @@ class Trainer:
                 "run": {k: self.run_info.get(k) for k in keep}}
 
     def _save_checkpoint(self) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not self.parallel.writer:
             return
         state = {"epochs_done": self.epochs_done, "fingerprint": json.dumps(self._fingerprint(), sort_keys=True),
                  "rule": self.rule.checkpoint_state(), "history": dict(self.history),
@@ -235,7 +279,8 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         path = self.out_dir / CHECKPOINT
         if not path.exists():
-            print(f"no checkpoint in {self.out_dir}; starting from epoch 1", file=sys.stderr)
+            if self.parallel.writer:
+                print(f"no checkpoint in {self.out_dir}; starting from epoch 1", file=sys.stderr)
             return
         state = torch.load(path, map_location=self.device, weights_only=True)
         if not _same_run(json.loads(state["fingerprint"]), self._fingerprint()):

@@ -6,6 +6,9 @@ it). Everything else is shared:
 
 * :meth:`Rule.step` = zero grads -> assign_credit -> gradient hooks -> optimiser steps,
   the skeleton the Trainer calls (the hooks are where data-parallel averaging plugs in);
+* local rules (``local = True``) also expose one layer's share of a step,
+  :meth:`Rule.block_step_loss`, so that a block pipeline can run their layers on different
+  processes (``localcredit.distributed``);
 * :meth:`Rule.update_directions` = the same directions, collected per block, for ``align``;
 * optimisers are real ``torch.optim`` ones, one per parameter group the rule declares
   (local rules declare one group per block).
@@ -143,7 +146,10 @@ def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
-GradientHook = Callable[["Rule"], None]
+#: ``hook(rule, stats)`` runs after assign_credit, before the optimisers step. It may rewrite the
+#: gradients and the step's logged figures in place: data-parallel averaging reduces both in one
+#: collective, so every process logs (and checks for divergence) the same global figures.
+GradientHook = Callable[["Rule", dict[str, float]], None]
 
 
 class Rule(nn.Module):
@@ -152,6 +158,10 @@ class Rule(nn.Module):
     name: ClassVar[str] = "?"
     Config: ClassVar[type] = EmptyConfig
     default_arch: ClassVar[str] = "mlp"  # what --arch means when not given
+    #: True when every layer learns from a signal computed at that layer alone, on a detached input:
+    #: such layers can train at the same time on different processes (``--parallel blocks``).
+    #: A local rule implements :meth:`block_step_loss`.
+    local: ClassVar[bool] = False
 
     def __init__(self, net: BlockNet, config: Any = None, optim: OptimConfig | None = None):
         super().__init__()
@@ -187,6 +197,26 @@ class Rule(nn.Module):
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         """Parameters that share one optimiser; local rules return one group per block."""
         return [[p for p in self.parameters() if p.requires_grad]]
+
+    # ----- what a local rule defines as well ------------------------------------------------
+    def block_step_loss(self, l: int, h_in: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer ``l``'s share of a training step (``l == len(net.blocks)`` is the head); local rules only.
+
+        Runs layer ``l`` on ``h_in`` (detached first, so nothing reaches the layers below) and
+        returns its output, detached, for the layer above, and the local loss whose ``backward``
+        writes layer ``l``'s update into ``.grad`` (None when the layer does not train now). A
+        local rule's ``assign_credit`` is exactly these calls, layer after layer.
+        """
+        raise NotImplementedError(f"rule {self.name!r} is not local: its layers do not learn from local signals only")
+
+    def layers_in_use(self) -> int:
+        """How many layers, from the input up, a training step runs now (the layers above it idle)."""
+        return len(self.net.layers)
+
+    def block_counters(self) -> list[torch.Tensor]:
+        """Per-block tallies a local rule keeps (row l: layer l). In a block pipeline each process
+        fills only the rows of its own layers, and the rows are summed across processes."""
+        return []
 
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss whose BP gradient ``align`` compares against (over the active classes only)."""
@@ -239,7 +269,7 @@ class Rule(nn.Module):
         self.zero_grad()
         stats = self.assign_credit(x, y)
         for hook in self.gradient_hooks:
-            hook(self)
+            hook(self, stats)
         for optimizer in self.optimizers:
             optimizer.step()
         return stats

@@ -93,6 +93,7 @@ class LeaderFollowerLocal(Rule):
     """LFNN-l (Yin et al. 2023): BP-free leader-follower worker losses per block; nothing crosses blocks."""
 
     Config = LeaderFollowerConfig
+    local = True
 
     def __init__(self, net, config=None, optim=None):
         super().__init__(net, config, optim)
@@ -114,13 +115,24 @@ class LeaderFollowerLocal(Rule):
         self.leader_counts[l] += leaders.sum(0)
         return loss
 
+    def block_step_loss(self, l: int, h_in: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.net.layers[l](h_in.detach())
+        if l == len(self.net.blocks):
+            return h.detach(), F.cross_entropy(h, y)
+        if l == 0:
+            # Counted where every sample passes once, so a block pipeline counts on one process only.
+            self.counted_samples += len(h)
+        return h.detach(), self.block_loss(l, h, y)
+
+    def block_counters(self) -> list[torch.Tensor]:
+        return [self.leader_counts]
+
     def local_losses(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """(layer index, local loss) for every block then the head, each block fed a detached input."""
         h = x
-        for l, block in enumerate(self.net.blocks):
-            h = block(h.detach())
-            yield l, self.block_loss(l, h, y)
-        yield len(self.net.blocks), F.cross_entropy(self.net.head(h.detach()), y)
+        for l in range(len(self.net.layers)):
+            h, loss = self.block_step_loss(l, h, y)
+            yield l, loss
 
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         total = x.new_zeros(())
@@ -128,7 +140,6 @@ class LeaderFollowerLocal(Rule):
             loss.backward()  # frees this block's graph before the next block runs
             total += loss.detach()
         head_loss = loss  # the last loss yielded is the head's
-        self.counted_samples += len(x)
         return {"loss": total.item(), "head_loss": head_loss.item()}
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
@@ -195,6 +206,7 @@ class LeaderFollower(LeaderFollowerLocal):
     """
 
     Config = GlobalLeaderFollowerConfig
+    local = False  # its global loss is backpropagated through every block
 
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         total = x.new_zeros(())

@@ -109,6 +109,7 @@ class LocalRandomClassifiers(Rule):
 
     Config = LocalClassifierConfig
     learned_classifiers = False
+    local = True
 
     def __init__(self, net, config=None, optim=None):
         super().__init__(net, config, optim)
@@ -129,6 +130,18 @@ class LocalRandomClassifiers(Rule):
             return self.classifiers[l](features)
         return features @ getattr(self, f"classifier_{l}").t()
 
+    def block_step_loss(self, l: int, h_in: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layer = self.net.layers[l]
+        if l not in self.active_layers:
+            with torch.no_grad():  # a frozen block only supplies the input of the blocks above it
+                return layer(h_in), None
+        h = layer(h_in.detach())
+        scores = h if l == len(self.net.blocks) else self.auxiliary_scores(l, h)  # the head's output is its scores
+        return h.detach(), classification_loss(self.config.loss, scores, y)
+
+    def layers_in_use(self) -> int:
+        return max(self.active_layers) + 1  # nothing above the last training layer needs its input
+
     def local_losses(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """(layer index, local loss) for each training layer, computed lazily block after block.
 
@@ -136,20 +149,11 @@ class LocalRandomClassifiers(Rule):
         that calls ``backward`` on each loss as it comes frees that block's graph before the next
         block runs.
         """
-        blocks, head_index = self.net.blocks, len(self.net.blocks)
-        last = max(self.active_layers)
         h = x
-        for l, block in enumerate(blocks):
-            if l > last:
-                return  # nothing above the last training layer needs its input
-            if l in self.active_layers:
-                h = block(h.detach())
-                yield l, classification_loss(self.config.loss, self.auxiliary_scores(l, h), y)
-            else:
-                with torch.no_grad():  # a frozen block only supplies the input of the blocks above it
-                    h = block(h)
-        if head_index in self.active_layers:
-            yield head_index, classification_loss(self.config.loss, self.net.head(h.detach()), y)
+        for l in range(self.layers_in_use()):
+            h, loss = self.block_step_loss(l, h, y)
+            if loss is not None:
+                yield l, loss
 
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         total = x.new_zeros(())
