@@ -13,12 +13,12 @@ from typing import Sequence
 
 import torch
 
-from . import rules
+from . import distributed, rules
 from .align import alignment
 from .data import describe_all, load
 from .errors import UserError
 from .experiment import RunSpec, default_out_dir, parse_hidden, prepare, run_info
-from .train import Diverged, TrainConfig, Trainer, epoch_order
+from .train import Diverged, Parallelism, TrainConfig, Trainer, epoch_order
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,22 +98,51 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     return prepare_all(install_apt=not args.no_install)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    _set_threads(args.threads)
-    spec = _spec(args)
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                          limit_train=args.limit_train, progress=not args.quiet)
     config.validate()
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    launch = distributed.plan(args.procs, args.parallel, _device(args.device), args.dist_timeout)
+    # One thread per process by default: K processes share the machine's cores.
+    _set_threads(args.threads if args.threads is not None or not launch.distributed else 1)
+    spec, config = _spec(args), _train_config(args)
     data, rule = prepare(spec)
+    train_samples = min(config.limit_train or len(data.x_train), len(data.x_train))
+    distributed.check_run(launch, rule, train_samples, config.batch_size)
+    if launch.spawns:  # every check passed: nothing a process could refuse is left
+        del data, rule
+        return distributed.spawn(launch, _train_rank, args, launch)
+    if launch.torchrun and launch.distributed:
+        return distributed.run_rank(launch, _train_rank, args, launch, (data, rule))
+    _train(args, spec, config, data, rule, Parallelism(), launch.device)
+    return 0
+
+
+def _train_rank(place: distributed.Rank, args: argparse.Namespace, launch: distributed.Launch,
+                prepared: tuple | None = None) -> None:
+    """One process of a multi-process run; it builds the same data, weights and fixed matrices."""
+    torch.set_num_threads(args.threads or 1)
+    spec, config = _spec(args), _train_config(args)
+    data, rule = prepared if prepared is not None else prepare(spec)
+    _train(args, spec, config, data, rule, distributed.parallelism(launch, place), place.device)
+
+
+def _train(args: argparse.Namespace, spec: RunSpec, config: TrainConfig, data, rule, parallel: Parallelism,
+           device) -> None:
     out = args.out or default_out_dir(spec)
     info = {**run_info(spec, rule), "command": "localcredit " + shlex.join(args.argv)}
-    trainer = Trainer(rule, data, config, out_dir=out, run_info=info, device=_device(args.device))
+    trainer = Trainer(rule, data, config, out_dir=out, run_info=info, device=device, parallel=parallel)
     result = trainer.fit(resume=args.resume)
+    if not parallel.writer:
+        return
     seconds = result["seconds_per_epoch"]
     print(f"{spec.rule} on {spec.data}: test_accuracy {result['test_accuracy']:.4f} after {config.epochs} "
           f"epochs ({sum(seconds) / len(seconds):.2f} s/epoch, {result['peak_memory_mb']:.0f} MB peak) "
-          f"-> {out}/result.json")
-    return 0
+          f"-> {out}/result.json", flush=True)
 
 
 def cmd_align(args: argparse.Namespace) -> int:
@@ -212,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--procs", type=int, default=None,
+                   help="train with K processes (default 1; under torchrun: its process count); "
+                        "one torch thread each unless --threads says otherwise")
+    p.add_argument("--parallel", default=None, metavar="data|blocks",
+                   help="data (default): every process takes a share of each batch, updates are averaged; "
+                        "blocks: each process trains a group of layers of a local rule, activations flow forward")
+    p.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                   help="how long a process waits for another before the run fails (default %(default)s)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("align", help="per-block cosine between a rule's update and the BP gradient (JSON)")

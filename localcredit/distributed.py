@@ -1,0 +1,593 @@
+"""Training on several processes with torch.distributed: data parallel, and a decoupled block pipeline.
+
+Two layouts, both behind the Trainer's :class:`~localcredit.train.Parallelism` seam:
+
+* :class:`DataParallel` (``--parallel data``, every rule). ``--batch-size`` stays the global batch:
+  every process takes the same global slice of the epoch's order and keeps its share of it.
+  Between the rule's credit assignment and its optimisers (``Rule.gradient_hooks``) the
+  gradients, and the step's logged figures, are averaged across processes, weighted by share,
+  in a few flat all-reduces. Every process then applies the same update to the same weights, so
+  the run is the single-process run up to float rounding.
+* :class:`BlockPipeline` (``--parallel blocks``, local rules only). Each process owns a contiguous
+  group of layers (balanced by the FLOPs of their local steps; the head goes with the last group)
+  and their optimisers. Process k receives micro-batch i's activations from k-1, trains its
+  layers on it, sends its output on to k+1 and moves to micro-batch i+1 without waiting for the
+  send. Nothing travels backwards: a local layer only ever needs its own input, computed by the
+  layers below with their weights of that moment -- exactly what the sequential rule feeds it,
+  so the pipeline computes the sequential rule's updates. After each epoch every owner
+  broadcasts its layers (weights and optimiser state), and process 0 evaluates and checkpoints.
+
+Processes come either from ``--procs K`` (:func:`spawn`: K processes started here, rendezvous
+through a TCPStore this process hosts on a free port) or from ``torchrun`` (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR/PORT in the environment). Backend: gloo on CPU, nccl on CUDA. Every wait
+is bounded by ``--dist-timeout``; a process that fails reports one line naming its rank and its
+error, and the launcher ends the others, so a failure never becomes a hang.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import lru_cache
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import rules
+from .errors import UserError
+from .rules.base import Rule
+from .train import Diverged, Parallelism, Trainer
+
+DEFAULT_TIMEOUT_S = 120.0
+#: A bucket of the gradient all-reduce; a 784-1000-1000-10 MLP fits in one.
+BUCKET_BYTES = 32 * 2**20
+#: Sends a pipeline process may leave in flight before it waits for the oldest: enough to keep
+#: computing while the activations travel, few enough that a slow next stage holds it back.
+SEND_WINDOW = 2
+#: Receives posted ahead of use, so micro-batch i+1 arrives while micro-batch i is computed.
+RECEIVE_AHEAD = 2
+#: A process whose failure is probably a consequence (a peer vanished, or an error that process 0
+#: reports too) waits this long before it reports, so that the cause is reported first; the
+#: launcher usually ends it in the meantime.
+REPORT_DELAY_S = 1.0
+MODES = ("data", "blocks")
+
+
+# ----- planning: everything decided and validated before a process starts ---------------------
+@dataclass(frozen=True)
+class Launch:
+    """How a run is laid out over processes."""
+
+    procs: int
+    mode: str  # "data" | "blocks"
+    device: str  # "cpu", "cuda" or "cuda:N" (one process only)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    torchrun: bool = False  # this process is one of torchrun's; it reads its rank from the environment
+
+    @property
+    def distributed(self) -> bool:
+        return self.procs > 1
+
+    @property
+    def spawns(self) -> bool:
+        """This process starts the ranks itself (``--procs K``, not under torchrun)."""
+        return self.distributed and not self.torchrun
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.startswith("cuda") else "gloo"
+
+
+def local_rules() -> list[str]:
+    return sorted(name for name in rules.available() if rules.get(name).local)
+
+
+def torchrun_world() -> int | None:
+    """WORLD_SIZE when this process was started by torchrun (or another env:// launcher)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def plan(procs: int | None, parallel: str | None, device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Launch:
+    """Check the process options against each other and this machine; no data needed yet."""
+    world = torchrun_world()
+    if world is not None and procs is not None and procs != world:
+        raise UserError(f"--procs {procs} disagrees with torchrun's {world} processes; leave --procs out under torchrun")
+    procs = world if world is not None else (1 if procs is None else procs)
+    if procs < 1:
+        raise UserError(f"--procs must be at least 1, got {procs}")
+    mode = parallel or "data"
+    if mode not in MODES:
+        raise UserError(f"unknown --parallel {mode!r}; choose data or blocks")
+    if not timeout_s > 0:
+        raise UserError(f"--dist-timeout must be positive, got {timeout_s}")
+    if procs > 1 and device.startswith("cuda"):
+        if device != "cuda":
+            raise UserError(f"--device {device} names one GPU; with --procs use --device cuda (process r takes GPU r)")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", procs))
+        if torch.cuda.device_count() < local:
+            raise UserError(f"{local} processes on this machine need {local} GPUs; torch sees {torch.cuda.device_count()}")
+    return Launch(procs=procs, mode=mode, device=device, timeout_s=timeout_s, torchrun=world is not None)
+
+
+def check_run(launch: Launch, rule: Rule, train_samples: int, batch_size: int) -> None:
+    """The checks that need the built rule and the data's size."""
+    if launch.mode == "blocks":
+        if not rule.local:
+            raise UserError(f"--parallel blocks needs a local rule, whose blocks learn from local signals only "
+                            f"({', '.join(local_rules())}); {rule.name!r} is not local")
+        layers = len(rule.net.layers)
+        if launch.procs > layers:
+            raise UserError(f"--parallel blocks cannot split {layers} layers (hidden blocks + head) over "
+                            f"{launch.procs} processes; use --procs {layers} or fewer")
+    elif launch.distributed:
+        smallest = min(batch_size, train_samples % batch_size or batch_size, train_samples)
+        if smallest < launch.procs:
+            raise UserError(f"a step of {smallest} samples cannot be shared by {launch.procs} processes; "
+                            f"choose --batch-size/--limit-train so that every step has at least {launch.procs}")
+
+
+# ----- processes: starting them, joining the group, reporting failures -------------------------
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in the group."""
+
+    rank: int
+    world: int
+    device: torch.device
+    timeout: timedelta
+
+
+RankMain = Callable[..., None]  # fn(rank: Rank, *args)
+
+
+def spawn(launch: Launch, fn: RankMain, *args: Any) -> int:
+    """Run ``fn(rank, *args)`` in ``launch.procs`` new processes; return the run's exit code.
+
+    A failed process has already reported itself on stderr; a process ended by a signal is
+    reported here. When one fails, torch's process context ends the others at once.
+    """
+    timeout = timedelta(seconds=launch.timeout_s)
+    # Ending the other processes after a failure is expected here, not worth a warning.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    # Port 0: the OS picks a free port, and holding the store here means no other run can take it.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    context = mp.start_processes(_spawned_main, args=(launch, store.port, fn, args), nprocs=launch.procs,
+                                 join=False, start_method="spawn")
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as exc:
+        if exc.signal_name:
+            print(f"localcredit: error: rank {exc.error_index} was ended by {exc.signal_name}", file=sys.stderr)
+            return 1
+        return exc.exit_code
+    except mp.ProcessRaisedException as exc:  # only what escaped run_rank's own reporting
+        print(f"localcredit: error: rank {exc.error_index} failed: {_last_line(str(exc))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _spawned_main(index: int, launch: Launch, port: int, fn: RankMain, args: tuple) -> None:
+    from tqdm import tqdm
+
+    # tqdm's default lock is a multiprocessing semaphore; a process ended by the launcher could not
+    # release it, and Python would warn about a leaked semaphore at exit. A thread lock suffices here.
+    tqdm.set_lock(threading.RLock())
+    sys.exit(run_rank(launch, fn, *args, rank=index, store_port=port))
+
+
+def run_rank(launch: Launch, fn: RankMain, *args: Any, rank: int | None = None, store_port: int | None = None) -> int:
+    """Join the group as ``rank`` (torchrun: from the environment), run ``fn``, return an exit code.
+
+    Errors become one line on stderr: a user error exits 2, a divergence 1, anything else 1 with
+    the rank and the exception named.
+    """
+    rank = int(os.environ["RANK"]) if rank is None else rank
+    try:
+        place = join_group(launch, rank, store_port)
+        fn(place, *args)
+        dist.destroy_process_group()
+        return 0
+    except UserError as exc:
+        return _report(f"localcredit: error: {exc}", 2, consequence=rank != 0)
+    except Diverged as exc:
+        return _report(f"localcredit: {exc}", 1, consequence=rank != 0)
+    except Exception as exc:  # noqa: BLE001 -- every failure must end the run with a message
+        if _is_communication_error(exc):  # most likely another process failed first
+            message = f"localcredit: error: rank {rank} lost contact with the other processes: {_backend_message(exc)}"
+            return _report(message, 1, consequence=True)
+        message = f"localcredit: error: rank {rank} failed: {type(exc).__name__}: {_first_line(str(exc))}"
+        return _report(message, 1, consequence=False)
+
+
+def join_group(launch: Launch, rank: int, store_port: int | None = None) -> Rank:
+    """init_process_group with a bounded timeout; pick this process's device."""
+    timeout = timedelta(seconds=launch.timeout_s)
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(f"cuda:{local_rank}" if launch.device.startswith("cuda") else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if store_port is None:  # torchrun: env:// rendezvous
+        dist.init_process_group(launch.backend, timeout=timeout)
+    else:
+        store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
+        dist.init_process_group(launch.backend, store=store, rank=rank, world_size=launch.procs, timeout=timeout)
+    return Rank(rank=rank, world=launch.procs, device=device, timeout=timeout)
+
+
+def _report(message: str, code: int, consequence: bool) -> int:
+    if consequence:
+        time.sleep(REPORT_DELAY_S)
+    print(message, file=sys.stderr, flush=True)
+    return code
+
+
+def _is_communication_error(exc: Exception) -> bool:
+    # gloo reports a dead peer or a timeout as a plain RuntimeError naming its source file.
+    return isinstance(exc, dist.DistError) or bool(re.search(r"gloo|nccl|NCCL", str(exc)))
+
+
+def _backend_message(exc: Exception) -> str:
+    """'[.../pair.cc:553] Connection closed by peer [127.0.0.1]:26855. This is typically ...' -> its first sentence."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(str(exc)))
+    return text.split(". ")[0]
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[0] if lines else "")[:300]
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "")[:300]
+
+
+def parallelism(launch: Launch, place: Rank) -> Parallelism:
+    return BlockPipeline(place, launch.backend) if launch.mode == "blocks" else DataParallel(place, launch.backend)
+
+
+# ----- shared pieces ---------------------------------------------------------------------------
+def broadcast_state(rule: Rule, src: int = 0) -> None:
+    """Make every process hold process ``src``'s weights and buffers (they were built from the same
+    seed; this guards against a device that rounds differently)."""
+    with torch.no_grad():
+        for tensor in rule.state_dict().values():
+            if isinstance(tensor, torch.Tensor):
+                dist.broadcast(tensor, src=src)
+
+
+def all_reduce_flat(tensors: Sequence[torch.Tensor], scale: float) -> list[torch.Tensor]:
+    """Sum ``scale * t`` across processes for every tensor, in few flat all-reduces (buckets).
+
+    Returns new tensors (views into the reduced buckets), shaped like the inputs.
+    """
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for bucket in _buckets(tensors):
+        flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
+        flat.mul_(scale)
+        dist.all_reduce(flat)
+        offset = 0
+        for i in bucket:
+            n = tensors[i].numel()
+            out[i] = flat[offset:offset + n].view_as(tensors[i])
+            offset += n
+    return out  # type: ignore[return-value]
+
+
+def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Consecutive tensors of one dtype and device, up to BUCKET_BYTES per bucket."""
+    buckets: list[list[int]] = []
+    size, kind = 0, None
+    for i, t in enumerate(tensors):
+        nbytes = t.numel() * t.element_size()
+        if not buckets or (t.dtype, t.device) != kind or size + nbytes > BUCKET_BYTES:
+            buckets.append([])
+            size, kind = 0, (t.dtype, t.device)
+        buckets[-1].append(i)
+        size += nbytes
+    return buckets
+
+
+# ----- data parallel ---------------------------------------------------------------------------
+class DataParallel(Parallelism):
+    """Every process runs the whole rule on its share of each global batch; updates are averaged."""
+
+    def __init__(self, place: Rank, backend: str):
+        self.place, self.backend = place, backend
+        self.writer = place.rank == 0
+        self._share = 1.0 / place.world
+
+    def attach(self, trainer: Trainer) -> None:
+        broadcast_state(trainer.rule)
+        if self.average not in trainer.rule.gradient_hooks:
+            trainer.rule.gradient_hooks.append(self.average)
+
+    def step(self, trainer: Trainer, index: torch.Tensor) -> dict[str, float]:
+        # Contiguous shares of the global batch; uneven ones are weighted by their size below, so a
+        # mean loss over the global batch is reproduced exactly.
+        share = index.tensor_split(self.place.world)[self.place.rank]
+        self._share = len(share) / len(index)
+        return trainer.rule.step(trainer.x_train[share], trainer.y_train[share])
+
+    def average(self, rule: Rule, stats: dict[str, float]) -> None:
+        """Gradient hook: the share-weighted mean of every process's update and logged figures."""
+        params = [p for p in rule.parameters() if p.requires_grad]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        keys = sorted(stats)
+        figures = torch.tensor([float(stats[k]) for k in keys], dtype=params[0].dtype, device=params[0].device)
+        *reduced, reduced_figures = all_reduce_flat([*grads, figures], self._share)
+        for p, grad in zip(params, reduced):
+            if p.grad is not None:  # the same parameters lack a gradient in every process
+                p.grad = grad
+        stats.update(zip(keys, reduced_figures.tolist()))
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": "data", "procs": self.place.world, "backend": self.backend}
+
+
+# ----- block pipeline --------------------------------------------------------------------------
+def probe_layers(rule: Rule, x: torch.Tensor, y: torch.Tensor) -> tuple[list[int], list[tuple[int, ...]]]:
+    """Per layer: FLOPs of its local step on ``x`` (forward and backward, auxiliary heads included)
+    and the per-sample shape of its output.
+
+    Measured on a copy of the rule, so the real one keeps no gradients and no tallies.
+    """
+    probe = copy.deepcopy(rule)
+    costs, shapes, h = [], [], x
+    for l in range(len(probe.net.layers)):
+        with FlopCounterMode(display=False) as counter:
+            h, loss = probe.block_step_loss(l, h, y)
+            if loss is not None:
+                loss.backward()
+        costs.append(counter.get_total_flops())
+        shapes.append(tuple(h.shape[1:]))
+    return costs, shapes
+
+
+def partition(costs: Sequence[float], parts: int) -> list[range]:
+    """Split layers 0..n-1 into ``parts`` contiguous, non-empty groups minimising the largest cost."""
+    n = len(costs)
+    if not 1 <= parts <= n:
+        raise ValueError(f"cannot split {n} layers into {parts} groups")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    @lru_cache(maxsize=None)
+    def best(start: int, k: int) -> tuple[float, tuple[int, ...]]:
+        if k == 1:
+            return prefix[n] - prefix[start], (n,)
+        options = []
+        for end in range(start + 1, n - k + 2):
+            rest, cuts = best(end, k - 1)
+            options.append((max(prefix[end] - prefix[start], rest), (end, *cuts)))
+        return min(options)
+
+    _, cuts = best(0, parts)
+    starts = (0, *cuts[:-1])
+    return [range(a, b) for a, b in zip(starts, cuts)]
+
+
+class Inbox:
+    """Activations from the previous stage, with receives posted ahead of use."""
+
+    def __init__(self, src: int, shapes: list[tuple[int, ...]], dtype: torch.dtype, place: Rank):
+        self.src, self.shapes, self.dtype, self.place = src, shapes, dtype, place
+        self.pending: deque[tuple[torch.Tensor, Any]] = deque()
+        self.posted = 0
+        for _ in range(RECEIVE_AHEAD):
+            self._post()
+
+    def _post(self) -> None:
+        if self.posted < len(self.shapes):
+            buffer = torch.empty(self.shapes[self.posted], dtype=self.dtype, device=self.place.device)
+            # The tag is the micro-batch's step: a message can only land in its own buffer.
+            self.pending.append((buffer, dist.irecv(buffer, src=self.src, tag=self.posted)))
+            self.posted += 1
+
+    def take(self) -> torch.Tensor:
+        buffer, work = self.pending.popleft()
+        work.wait(self.place.timeout)
+        self._post()
+        return buffer
+
+
+class Outbox:
+    """Activations to the next stage, sent asynchronously with at most SEND_WINDOW in flight."""
+
+    def __init__(self, dst: int, place: Rank):
+        self.dst, self.place = dst, place
+        self.pending: deque[tuple[torch.Tensor, Any]] = deque()
+
+    def send(self, h: torch.Tensor, step: int) -> None:
+        h = h.contiguous()  # kept referenced until the send completes, so its memory is not reused
+        self.pending.append((h, dist.isend(h, dst=self.dst, tag=step)))
+        while len(self.pending) > SEND_WINDOW:
+            self._wait_oldest()
+
+    def drain(self) -> None:
+        while self.pending:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        _, work = self.pending.popleft()
+        work.wait(self.place.timeout)
+
+
+class BlockPipeline(Parallelism):
+    """Each process trains a contiguous group of a local rule's layers; activations flow forward only."""
+
+    def __init__(self, place: Rank, backend: str):
+        self.place, self.backend = place, backend
+        self.writer = place.rank == 0
+        self.stages: list[range] = []
+        self.costs: list[int] = []
+        self.output_shapes: list[tuple[int, ...]] = []
+
+    @property
+    def own(self) -> range:
+        return self.stages[self.place.rank]
+
+    def attach(self, trainer: Trainer) -> None:
+        rule = trainer.rule
+        if not rule.local:
+            raise UserError(f"--parallel blocks needs a local rule; {rule.name!r} is not local")
+        if len(rule.optimizers) != len(rule.net.layers):
+            raise RuntimeError(f"rule {rule.name!r} is marked local but does not have one optimiser per layer")
+        broadcast_state(rule)
+        probe = slice(0, trainer.config.batch_size)
+        self.costs, self.output_shapes = probe_layers(rule, trainer.x_train[probe], trainer.y_train[probe])
+        self.stages = partition(self.costs, self.place.world)
+
+    # ----- one epoch ---------------------------------------------------------------------------
+    def train_epoch(self, trainer: Trainer, epoch: int) -> None:
+        rule, rank = trainer.rule, self.place.rank
+        rule.net.train()
+        in_use = rule.layers_in_use()
+        own = [l for l in self.own if l < in_use]
+        batches = trainer.epoch_batches(epoch)
+        inbox = self._inbox(rule, own, batches, trainer.x_train.dtype)
+        outbox = Outbox(rank + 1, self.place) if rank + 1 < self.place.world and self.stages[rank + 1][0] < in_use else None
+        sums = _EpochSums(self.place.device)
+        start = time.perf_counter()
+        for step in trainer.progress_bar(epoch, len(batches)):
+            if not own:
+                break  # this stage idles while only the layers below it train
+            index = batches[step]
+            h = inbox.take() if inbox is not None else trainer.x_train[index]
+            self._micro_batch(rule, own, h, trainer.y_train[index], step, outbox, sums)
+        if outbox is not None:
+            outbox.drain()
+        totals, first_bad = sums.reduce(rule)
+        seconds = time.perf_counter() - start  # the reduce waited for the slowest stage
+        self._sum_block_counters(rule)
+        if first_bad < len(batches):
+            raise Diverged(epoch + 1, int(first_bad) + 1, "the loss")
+        if totals["nonfinite_weights"]:
+            raise Diverged(epoch + 1, len(batches), "a weight")
+        stats = {"loss": totals["loss"] / len(batches)}
+        if totals["head_steps"]:
+            stats["head_loss"] = totals["head_loss"] / totals["head_steps"]
+        trainer.record_epoch(epoch, seconds, stats)
+
+    def _inbox(self, rule: Rule, own: list[int], batches: list[torch.Tensor], dtype: torch.dtype) -> Inbox | None:
+        if self.place.rank == 0 or not own:
+            return None
+        shape = self.output_shapes[own[0] - 1]  # the output of the layer below my first
+        return Inbox(self.place.rank - 1, [(len(b), *shape) for b in batches], dtype, self.place)
+
+    @staticmethod
+    def _micro_batch(rule: Rule, own: list[int], h: torch.Tensor, y: torch.Tensor, step: int,
+                     outbox: Outbox | None, sums: "_EpochSums") -> None:
+        rule.zero_grad()
+        step_loss = h.new_zeros(())
+        for l in own:
+            h, loss = rule.block_step_loss(l, h, y)
+            if l == own[-1] and outbox is not None:
+                outbox.send(h, step)  # the next stage starts while this one runs its backward passes
+            if loss is not None:
+                loss.backward()
+                step_loss += loss.detach()
+                if l == len(rule.net.blocks):
+                    sums.add_head(loss.detach())
+        for l in own:
+            rule.optimizers[l].step()
+        sums.add_step(step, step_loss)
+
+    def _sum_block_counters(self, rule: Rule) -> None:
+        for counter in rule.block_counters():
+            with torch.no_grad():
+                for row in range(len(counter)):
+                    if row not in self.own:
+                        counter[row] = 0  # another stage's tally: counted there
+                dist.all_reduce(counter)
+
+    # ----- after an epoch: every process gets every layer --------------------------------------
+    def finish_epoch(self, trainer: Trainer) -> None:
+        rule = trainer.rule
+        for owner, layers in enumerate(self.stages):
+            payload = [_layers_state(rule, layers) if owner == self.place.rank else None]
+            dist.broadcast_object_list(payload, src=owner, device=self._object_device())
+            if owner != self.place.rank:
+                _load_layers_state(rule, payload[0])
+
+    def _object_device(self) -> torch.device | None:
+        return self.place.device if self.backend == "nccl" else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": "blocks", "procs": self.place.world, "backend": self.backend,
+                "stages": [list(stage) for stage in self.stages], "layer_flops": self.costs}
+
+
+class _EpochSums:
+    """An epoch's logged figures of one stage, kept on the device (no sync per step) until the end."""
+
+    def __init__(self, device: torch.device):
+        # float64: an epoch's sum of float32 losses keeps the precision of the single-process log.
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.head_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.head_steps = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), float("inf"), dtype=torch.float64, device=device)
+
+    def add_step(self, step: int, loss: torch.Tensor) -> None:
+        self.loss += loss
+        bad = ~torch.isfinite(loss)
+        self.first_bad = torch.where(bad, torch.clamp(self.first_bad, max=step), self.first_bad)
+
+    def add_head(self, loss: torch.Tensor) -> None:
+        self.head_loss += loss
+        self.head_steps += 1
+
+    def reduce(self, rule: Rule) -> tuple[dict[str, float], float]:
+        nonfinite = sum(int(not torch.isfinite(p).all()) for p in rule.parameters())
+        totals = torch.stack([self.loss, self.head_loss, self.head_steps,
+                              torch.tensor(float(nonfinite), dtype=torch.float64, device=self.loss.device)])
+        dist.all_reduce(totals)
+        dist.all_reduce(self.first_bad, op=dist.ReduceOp.MIN)
+        loss, head_loss, head_steps, nonfinite_weights = totals.tolist()
+        return ({"loss": loss, "head_loss": head_loss, "head_steps": head_steps,
+                 "nonfinite_weights": nonfinite_weights}, self.first_bad.item())
+
+
+def _layers_state(rule: Rule, layers: range) -> dict[str, Any]:
+    """The weights (with their auxiliary heads) and optimiser states of ``layers``, on the CPU."""
+    groups = rule.parameter_groups()
+    owned = {id(p) for l in layers for p in groups[l]}
+    params = {name: p.detach().cpu() for name, p in rule.named_parameters() if id(p) in owned}
+    optimizers = {l: _to_cpu(rule.optimizers[l].state_dict()) for l in layers}
+    return {"params": params, "optimizers": optimizers}
+
+
+def _load_layers_state(rule: Rule, state: dict[str, Any]) -> None:
+    named = dict(rule.named_parameters())
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            named[name].copy_(value)
+    for l, saved in state["optimizers"].items():
+        rule.optimizers[l].load_state_dict(saved)
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value

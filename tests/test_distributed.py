@@ -1,0 +1,247 @@
+"""Several processes (CPU, gloo, 2 processes): data parallel equals one process, the block pipeline
+equals the sequential local rule, a failing rank ends the run, bad combinations are refused.
+
+The multi-process runs are real ``localcredit train`` commands on a small .npz of real Fashion-MNIST;
+the single-process references run in this process at one thread, like each rank. Independent
+commands run side by side to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from localcredit.cli import main
+from localcredit.data import load
+from localcredit.distributed import partition
+from localcredit.experiment import RunSpec, build_rule
+from localcredit.train import CHECKPOINT, RESULT, Parallelism, TrainConfig, Trainer
+
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def npz(fashion, tmp_path_factory) -> str:
+    """3,000 training and 500 test images of the real data set, as an .npz that loads in milliseconds."""
+    path = tmp_path_factory.mktemp("data") / "fashion-3k.npz"
+    np.savez(path, x_train=fashion.x_train[:3000].numpy(), y_train=fashion.y_train[:3000].numpy(),
+             x_test=fashion.x_test[:500].numpy(), y_test=fashion.y_test[:500].numpy())
+    return f"npz:{path}"
+
+
+def train_command(*options: str) -> list[str]:
+    return [sys.executable, "-m", "localcredit", "train", "--quiet", *options]
+
+
+def run_all(*commands: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Run independent commands side by side; wait for all of them."""
+    procs = [subprocess.Popen(c, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    done = []
+    for command, proc in zip(commands, procs):
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+        done.append(subprocess.CompletedProcess(command, proc.returncode, out, err))
+    return done
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def single_process_run(data_name: str, out: Path, rule: str, hidden: list[int], epochs: int, batch_size: int,
+                       limit: int | None = None, optimizer: str = "adam") -> dict:
+    """The reference: the same run in this process, at one thread like each rank."""
+    torch.set_num_threads(1)
+    data = load(data_name)
+    spec = RunSpec(rule=rule, data=data_name, hidden=hidden, optimizer=optimizer)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, limit_train=limit, progress=False)
+    return Trainer(build_rule(spec, data), data, config, out_dir=out, run_info={"rule": rule}).fit()
+
+
+def checkpoint(out: Path) -> dict:
+    return torch.load(out / CHECKPOINT, weights_only=True)
+
+
+def assert_same_state(a: Path, b: Path, atol: float) -> None:
+    """Weights and optimiser states of two runs' checkpoints agree to ``atol``."""
+    first, second = checkpoint(a)["rule"], checkpoint(b)["rule"]
+    for key, value in first["rule"].items():
+        torch.testing.assert_close(value, second["rule"][key], atol=atol, rtol=0, msg=key)
+    for opt_a, opt_b in zip(first["optimizers"], second["optimizers"], strict=True):
+        for state_a, state_b in zip(opt_a["state"].values(), opt_b["state"].values(), strict=True):
+            for name in state_a:
+                torch.testing.assert_close(state_a[name], state_b[name], atol=atol, rtol=0, msg=name)
+
+
+def result(out: Path) -> dict:
+    return json.loads((out / RESULT).read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----- data parallel ---------------------------------------------------------------------------
+def test_data_parallel_equals_one_process_after_one_step(npz, tmp_path):
+    # One step of 101 samples: shares of 51 and 50, so the average must be weighted to be exact.
+    # SGD, because Adam's first step is lr * sign(g) and would hide a wrongly scaled average.
+    options = ["--rule", "bp", "--data", npz, "--hidden", "32", "--epochs", "1", "--batch-size", "101",
+               "--limit-train", "101", "--optimizer", "sgd"]
+    spawned, torchrun = run_all(
+        train_command(*options, "--procs", "2", "--out", "spawned"),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         "-m", "localcredit", "train", "--quiet", *options, "--out", "torchrun"],
+        cwd=tmp_path)
+    single = single_process_run(npz, tmp_path / "single", "bp", [32], epochs=1, batch_size=101, limit=101,
+                                optimizer="sgd")
+    for out, proc in (("spawned", spawned), ("torchrun", torchrun)):
+        ok(proc)
+        assert_same_state(tmp_path / out, tmp_path / "single", atol=1e-6)
+        written = result(tmp_path / out)
+        assert written["parallel"] == {"mode": "data", "procs": 2, "backend": "gloo"}
+        assert written["train_loss_per_epoch"] == pytest.approx(single["train_loss_per_epoch"], rel=1e-5)
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == [CHECKPOINT, RESULT]
+    assert spawned.stdout.count("test_accuracy") == 1, "only rank 0 prints the summary"
+
+
+# ----- block pipeline --------------------------------------------------------------------------
+LOCAL_RULES = ["lfnn-l", "local-random"]
+
+
+def test_block_pipeline_first_step_equals_the_sequential_rule(npz, tmp_path):
+    options = lambda rule: ["--rule", rule, "--data", npz, "--hidden", "64,64", "--epochs", "1",  # noqa: E731
+                            "--batch-size", "100", "--limit-train", "100", "--parallel", "blocks", "--procs", "2",
+                            "--out", rule]
+    for proc in run_all(*(train_command(*options(rule)) for rule in LOCAL_RULES), cwd=tmp_path):
+        ok(proc)
+    for rule in LOCAL_RULES:
+        single_process_run(npz, tmp_path / f"single-{rule}", rule, [64, 64], epochs=1, batch_size=100, limit=100)
+        assert_same_state(tmp_path / rule, tmp_path / f"single-{rule}", atol=1e-7)
+        parallel = result(tmp_path / rule)["parallel"]
+        assert parallel["mode"] == "blocks" and parallel["stages"] == [[0], [1, 2]]  # 784x64 | 64x64 + head
+
+
+def test_block_pipeline_learns_and_resumes_to_the_sequential_run(npz, tmp_path):
+    """Two epochs (for lfnn-l: one, then --resume for the second) reach an accuracy floor and the
+    same weights, optimiser states and rule statistics as two sequential epochs in one process."""
+    options = lambda rule, epochs: ["--rule", rule, "--data", npz, "--hidden", "256,256", "--batch-size", "50",  # noqa: E731
+                                    "--epochs", str(epochs), "--parallel", "blocks", "--procs", "2", "--out", rule]
+    for proc in run_all(train_command(*options("lfnn-l", 1)), train_command(*options("local-random", 2)),
+                        cwd=tmp_path):
+        ok(proc)
+    ok(run_all(train_command(*options("lfnn-l", 2), "--resume"), cwd=tmp_path)[0])
+    for rule in LOCAL_RULES:
+        single = single_process_run(npz, tmp_path / f"single-{rule}", rule, [256, 256], epochs=2, batch_size=50)
+        blocks = result(tmp_path / rule)
+        assert blocks["test_accuracy"] >= 0.65, (rule, blocks["test_accuracy_per_epoch"])  # measured 0.73-0.74
+        assert blocks["test_accuracy_per_epoch"] == single["test_accuracy_per_epoch"]
+        assert blocks["train_loss_per_epoch"] == pytest.approx(single["train_loss_per_epoch"], rel=1e-5)
+        assert blocks["rule_statistics"] == single["rule_statistics"]
+        assert_same_state(tmp_path / rule, tmp_path / f"single-{rule}", atol=1e-6)
+
+
+def test_partition_balances_contiguous_groups():
+    assert partition([4, 1, 1, 1, 1], 2) == [range(0, 1), range(1, 5)]
+    assert partition([1, 1, 1, 1], 2) == [range(0, 2), range(2, 4)]
+    assert partition([5, 3, 3, 1], 3) == [range(0, 1), range(1, 2), range(2, 4)]
+    assert partition([1, 2, 3], 3) == [range(0, 1), range(1, 2), range(2, 3)]
+
+
+# ----- failures --------------------------------------------------------------------------------
+FAULTY_RULE = '''
+import os, signal, sys, time
+import torch.distributed as dist
+from localcredit.cli import main
+from localcredit.rules.backprop import Backprop
+from localcredit.rules.base import register
+
+@register("bp-faulty")
+class FaultyBackprop(Backprop):
+    """bp that fails on rank 1 at its third step, as FAULT says: raise, kill or hang."""
+    steps = 0
+
+    def assign_credit(self, x, y):
+        type(self).steps += 1
+        if dist.is_initialized() and dist.get_rank() == 1 and self.steps == 3:
+            fault = os.environ["FAULT"]
+            if fault == "raise":
+                raise ValueError("injected failure")
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(600)  # hang
+        return super().assign_credit(x, y)
+
+if __name__ == "__main__":  # spawned ranks import this file too, and so know the rule
+    sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_failing_rank_ends_the_run_with_one_line_naming_it(npz, tmp_path):
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY_RULE)
+    faults = {"raise": "rank 1 failed: ValueError: injected failure",
+              "kill": "rank 1 was ended by SIGKILL",
+              "hang": "rank 0 lost contact with the other processes: Timed out"}
+    start = time.monotonic()
+    procs = []
+    for fault in faults:
+        command = [sys.executable, str(script), "train", "--rule", "bp-faulty", "--data", npz, "--hidden", "16",
+                   "--epochs", "1", "--procs", "2", "--quiet", "--dist-timeout", "5", "--out", fault]
+        procs.append(subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env={**os.environ, "FAULT": fault}))
+    for (fault, expected), proc in zip(faults.items(), procs):
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 1, (fault, err)
+        assert len(lines) == 1 and expected in lines[0], (fault, err)
+        assert not (tmp_path / fault / RESULT).exists()
+    assert time.monotonic() - start < 60, "a failure must end the run within the timeout, not hang"
+
+
+# ----- refusals: one line, exit 2, nothing written ---------------------------------------------
+REFUSED = {
+    "blocks with bp": (["--rule", "bp", "--parallel", "blocks", "--procs", "2"], "not local"),
+    "blocks with lfnn": (["--rule", "lfnn", "--parallel", "blocks", "--procs", "2"], "not local"),
+    "blocks with one process, bp": (["--rule", "bp", "--parallel", "blocks"], "not local"),
+    "more procs than layers": (["--rule", "lfnn-l", "--parallel", "blocks", "--procs", "3"], "--procs 2 or fewer"),
+    "zero procs": (["--rule", "bp", "--procs", "0"], "--procs"),
+    "unknown layout": (["--rule", "bp", "--procs", "2", "--parallel", "pipes"], "--parallel"),
+    "step smaller than procs": (["--rule", "bp", "--procs", "2", "--batch-size", "50", "--limit-train", "101"],
+                                "step of 1 samples"),
+    "cuda without GPUs": (["--rule", "bp", "--procs", "2", "--device", "cuda"], "cuda"),
+    "bad timeout": (["--rule", "bp", "--procs", "2", "--dist-timeout", "0"], "--dist-timeout"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_bad_process_options_exit_2_with_one_line(case, npz, tmp_path, monkeypatch, capsys):
+    if case == "cuda without GPUs" and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    monkeypatch.chdir(tmp_path)
+    options, expect = REFUSED[case]
+    code = main(["train", "--data", npz, "--hidden", "16", *options])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expect in err[0], err
+    assert not (tmp_path / "runs").exists(), "nothing may be written"
+
+
+def test_a_process_that_is_not_the_writer_writes_nothing(npz, tmp_path):
+    class Follower(Parallelism):
+        writer = False
+
+    data = load(npz)
+    rule = build_rule(RunSpec(rule="bp", data=npz, hidden=[16]), data)
+    Trainer(rule, data, TrainConfig(epochs=1, limit_train=200, progress=False), out_dir=tmp_path / "out",
+            parallel=Follower()).fit()
+    assert not (tmp_path / "out").exists()
