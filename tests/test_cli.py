@@ -129,3 +129,24 @@ def test_installed_command_reports_user_error_without_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown rule" in proc.stderr
+
+
+def test_flush_denormal_flushes_while_training_and_restores_the_default(good_npz, tmp_path, monkeypatch):
+    import torch
+
+    from localcredit import cli
+
+    subnormal = torch.tensor([1e-39])
+    seen = []
+    real_fit = cli.Trainer.fit
+
+    def fit(self, resume=False):
+        seen.append((subnormal * 1.0).item())  # 0 when subnormals are flushed
+        return real_fit(self, resume)
+
+    monkeypatch.setattr(cli.Trainer, "fit", fit)
+    for flag in ([], ["--flush-denormal"]):
+        assert main(["train", "--rule", "bp", "--data", good_npz, "--hidden", "8", "--epochs", "1",
+                     "--out", str(tmp_path / str(len(flag))), "--quiet", *flag]) == 0
+    assert seen[0] > 0 and seen[1] == 0.0
+    assert (subnormal * 1.0).item() > 0  # torch's default is back after the run
