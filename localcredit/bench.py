@@ -188,44 +188,31 @@ def execute(argv: list[str], folder: Path, threads: int) -> int:
                               env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode
 
 
-def run_parallel(jobs: list[tuple[str, Callable[[], object]]], workers: int, desc: str,
-                 progress: bool) -> dict[str, object]:
-    """Run ``(name, job)`` pairs on ``workers`` threads (each job starts its own process)."""
-    outcomes: dict[str, object] = {}
-    if not jobs:
-        return outcomes
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(job): name for name, job in jobs}
+def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: int, progress: bool,
+              desc: str) -> tuple[int, int]:
+    """Train every unfinished run of a stage, ``workers`` at a time; return (trained now, skipped as finished)."""
+    todo = [run for run in runs if not is_finished(read_result(run.folder(out)))]
+    failed = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # threads only wait: each run is its own process
+        futures = {pool.submit(train_one, run, suite, out, threads): run for run in todo}
         bar = tqdm(as_completed(futures), total=len(futures), desc=desc, unit="run", disable=not progress or None,
                    file=sys.stderr)
         for future in bar:
-            outcomes[futures[future]] = future.result()
-            bar.set_postfix_str(futures[future][-40:])
-    return outcomes
-
-
-def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: int, progress: bool,
-              desc: str) -> tuple[int, int]:
-    """Train every unfinished run of a stage; return (runs trained now, runs skipped as finished)."""
-    todo = [run for run in runs if not is_finished(read_result(run.folder(out)))]
-    jobs = [(str(run.folder(out)), _train_job(run, suite, out, threads)) for run in todo]
-    codes = run_parallel(jobs, workers, desc, progress)
-    failed = [name for name, code in codes.items() if code not in (0, 1)]  # 1 = diverged, recorded
+            if future.result() not in (0, 1):  # 1 = diverged, recorded in its result.json
+                failed.append(futures[future].folder(out))
+            bar.set_postfix_str(futures[future].entry.label)
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed; see log.txt in {failed[0]}")
     return len(todo), len(runs) - len(todo)
 
 
-def _train_job(run: Run, suite: Suite, out: Path, threads: int) -> Callable[[], int]:
-    def job() -> int:
-        code = execute(train_arguments(run, suite, out, threads), run.folder(out), threads)
-        if run.stage == "tune" and is_finished(read_result(run.folder(out))):
-            # Only the validation accuracy of a tuning run is used; its weights would fill the disk
-            # (the full suite's tuning checkpoints take gigabytes).
-            (run.folder(out) / "checkpoint.pt").unlink(missing_ok=True)
-        return code
-
-    return job
+def train_one(run: Run, suite: Suite, out: Path, threads: int) -> int:
+    code = execute(train_arguments(run, suite, out, threads), run.folder(out), threads)
+    if run.stage == "tune" and is_finished(read_result(run.folder(out))):
+        # Only the validation accuracy of a tuning run is used; its weights would fill the disk
+        # (the full suite's tuning checkpoints take gigabytes).
+        (run.folder(out) / "checkpoint.pt").unlink(missing_ok=True)
+    return code
 
 
 Grids = dict[tuple[Entry, str], list[float]]

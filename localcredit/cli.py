@@ -206,8 +206,6 @@ def cmd_continual(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchOptions, get_suite, run_bench, with_seeds
 
-    if args.seeds is not None and args.seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
     suite = with_seeds(get_suite(args.suite), args.seeds)
     names = [n.strip() for n in args.rules.split(",") if n.strip()] if args.rules else list(rules.available())
     cores = os.cpu_count() or 1
