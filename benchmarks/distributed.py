@@ -1,7 +1,7 @@
 """Throughput of data-parallel and block-parallel training, and a model of K devices (not a test).
 
     python benchmarks/distributed.py throughput --out results/distributed [--rounds 3] [--epochs 3] [--flush-denormal]
-    python benchmarks/distributed.py model      --out results/distributed [--repeats 60]
+    python benchmarks/distributed.py model      --out results/distributed [--repeats 60] [--flush-denormal]
     python benchmarks/distributed.py rules      --out results/distributed [--limit-train 1024]
 
 throughput: real ``localcredit train`` commands on Fashion-MNIST (60,000 images), one torch
@@ -9,8 +9,8 @@ thread per process, K = 1 (one process, ``--threads 1``) and K = 2 (``--procs 2`
   ddp:    bp, hidden 1000                      (``--procs 2``, data parallel)
   blocks: local-random and lfnn-l, hidden 1000,1000  (``--parallel blocks --procs 2``)
 Configurations alternate within each round, so a slow patch of the machine hits all alike.
-``--flush-denormal`` runs the same commands with ``torch.set_flush_denormal(True)`` in every
-process (K = 1 and K = 2 alike): on this CPU, subnormal floats in the second hidden block's update
+``--flush-denormal`` runs the same commands with ``localcredit train --flush-denormal``, so every
+process (K = 1 and K = 2 alike) treats subnormal floats as zero: on this CPU, subnormal floats in the second hidden block's update
 slow it down more every epoch, which unbalances the stages (see results/distributed/README.md).
 samples/s = 60,000 / seconds of a training epoch as result.json reports it (the first epoch is
 left out: it pays one-off costs such as torch's lazy imports). Scaling efficiency =
@@ -50,10 +50,6 @@ from pathlib import Path
 
 import torch
 
-if os.environ.get("LOCALCREDIT_BENCH_FLUSH_DENORMAL") == "1":
-    # At import: the ranks that --procs spawns import this file as their main module, so they flush too.
-    torch.set_flush_denormal(True)
-
 THROUGHPUT_RUNS = {
     # name: (mode, rule, hidden)
     "ddp-bp": ("data", "bp", "1000"),
@@ -65,12 +61,12 @@ BATCH = 128
 
 def train_command(rule: str, hidden: str, procs: int, mode: str, epochs: int, out: Path,
                   limit_train: int | None, flush_denormal: bool = False) -> list[str]:
-    # Through this file's own `train` (= localcredit train) when flushing, so every process flushes.
-    entry = [__file__] if flush_denormal else ["-m", "localcredit"]
-    command = [sys.executable, *entry, "train", "--rule", rule, "--data", "fashion-mnist",
+    command = [sys.executable, "-m", "localcredit", "train", "--rule", rule, "--data", "fashion-mnist",
                "--hidden", hidden, "--epochs", str(epochs), "--batch-size", str(BATCH), "--out", str(out), "--quiet"]
     if limit_train:
         command += ["--limit-train", str(limit_train)]  # for a quick check of this script only
+    if flush_denormal:
+        command += ["--flush-denormal"]  # every process of the run flushes
     if procs == 1:
         return [*command, "--threads", "1"]
     return [*command, "--procs", str(procs), "--parallel", mode]
@@ -85,7 +81,7 @@ def throughput(args: argparse.Namespace) -> None:
                     out = Path(scratch) / f"{name}-{procs}-{round_}"
                     command = train_command(rule, hidden, procs, mode, args.epochs, out, args.limit_train, args.flush_denormal)
                     start = time.perf_counter()
-                    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=_env(args.flush_denormal))
+                    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
                     wall = time.perf_counter() - start
                     result = json.loads((out / "result.json").read_text())
                     steady = result["seconds_per_epoch"][1:]  # the first epoch pays one-off costs
@@ -102,10 +98,6 @@ def throughput(args: argparse.Namespace) -> None:
     write(args.out, "throughput-flush-denormal" if args.flush_denormal else "throughput", rows, summary)
     for line in summary:
         print(line)
-
-
-def _env(flush_denormal: bool) -> dict[str, str]:
-    return {**os.environ, "LOCALCREDIT_BENCH_FLUSH_DENORMAL": "1" if flush_denormal else "0"}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -240,6 +232,7 @@ def partition_times(seconds: list[float], send: list[float], k: int) -> tuple[li
 
 
 def model(args: argparse.Namespace) -> None:
+    torch.set_flush_denormal(args.flush_denormal)
     nets = {"local-random 1000,1000": ("local-random", [1000, 1000]),
             "lfnn-l 1000,1000": ("lfnn-l", [1000, 1000]),
             "local-random 1000x6": ("local-random", [1000] * 6),
@@ -268,7 +261,7 @@ def model(args: argparse.Namespace) -> None:
     payload = {"batch": BATCH, "link": {str(k): v for k, v in link.items()}, "pipeline": predictions, "ddp_bp_1000": ddp,
                "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                            "load_average_at_end": os.getloadavg()}}
-    flush = os.environ.get("LOCALCREDIT_BENCH_FLUSH_DENORMAL") == "1"
+    flush = args.flush_denormal
     payload["flush_denormal"] = flush
     (args.out / ("model-flush-denormal.json" if flush else "model.json")).write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -300,10 +293,6 @@ def every_rule(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "train":  # `localcredit train`, run from this file (see train_command)
-        from localcredit.cli import main as localcredit_main
-
-        sys.exit(localcredit_main(sys.argv[1:]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("throughput")
@@ -316,6 +305,7 @@ def main() -> None:
     p = sub.add_parser("model")
     p.add_argument("--out", type=Path, default=Path("results/distributed"))
     p.add_argument("--repeats", type=int, default=60)
+    p.add_argument("--flush-denormal", action="store_true", help="flush subnormal floats to zero while timing layers")
     p.set_defaults(func=model)
     p = sub.add_parser("rules")
     p.add_argument("--out", type=Path, default=Path("results/distributed"))
