@@ -1,3 +1,21 @@
-"""localcredit: train deep networks without end-to-end backpropagation, and compare the rules honestly."""
+"""localcredit: train deep networks without end-to-end backpropagation, and compare the rules honestly.
+
+The Python API (docs/python.md)::
+
+    import localcredit as lc
+    net = lc.blocknet(my_sequential, input_shape=(1, 28, 28), num_classes=10)
+    rule = lc.make_rule("local-learned", net, lr=1e-3, loss="ce")
+    stats = rule.step(x, y)          # one training step: a dict of floats, "loss" among them
+    predictions = rule.predict(x)
+"""
 
 __version__ = "0.1.0"
+
+from .architectures import NetSpec, register_architecture
+from .errors import UserError
+from .layers import register_layer
+from .nets import BlockNet, blocknet
+from .rules import Rule, available as available_rules, make_rule, register as register_rule
+
+__all__ = ["BlockNet", "NetSpec", "Rule", "UserError", "available_rules", "blocknet", "make_rule",
+           "register_architecture", "register_layer", "register_rule"]

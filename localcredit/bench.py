@@ -28,7 +28,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -37,6 +37,7 @@ from tqdm import tqdm
 from . import rules
 from .data.sources import VALIDATION_PREFIX
 from .errors import UserError
+from .architectures import NetSpec, to_argv
 from .experiment import RunSpec, build_rule
 from .train import RESULT
 
@@ -51,7 +52,7 @@ class Suite:
     name: str
     description: str
     datasets: tuple[str, ...]
-    hidden: tuple[int, ...]
+    network: NetSpec  # what every rule trains (arch None: mlp); rules that need their own arch keep its hidden sizes
     epochs: int
     seeds: int
     batch_size: int = 128
@@ -62,16 +63,26 @@ class Suite:
     lr_extensions: int = 2  # extra steps taken beyond an edge of the grid that scored best
     align_batch: int = 256
 
+    @property
+    def arch(self) -> str:
+        return self.network.arch or "mlp"
+
+    @property
+    def hidden(self) -> tuple[int, ...]:
+        return tuple(self.network.hidden or ())
+
 
 SUITES: dict[str, Suite] = {
     "smoke": Suite("smoke", "installation check: 2,000 Fashion-MNIST images, one small epoch per rule",
-                   datasets=("fashion-mnist",), hidden=(64, 64), epochs=1, seeds=1, limit_train=2000),
+                   datasets=("fashion-mnist",), network=NetSpec(hidden=[64, 64]), epochs=1, seeds=1, limit_train=2000),
     "quick": Suite("quick", "every rule on Fashion-MNIST, 30,000 training images and the full test set, 3 epochs, "
                             "2 seeds, default learning rates (2 min 12 s on 2 CPU cores here)",
-                   datasets=("fashion-mnist",), hidden=(256, 256), epochs=3, seeds=2, limit_train=30_000),
+                   datasets=("fashion-mnist",), network=NetSpec(hidden=[256, 256]), epochs=3, seeds=2,
+                   limit_train=30_000),
     "full": Suite("full", "every rule on Fashion-MNIST (60k/10k) and MNIST, 784-1000-1000-10, 5 epochs, "
                           "learning rate tuned on a validation split, 3 seeds",
-                  datasets=("fashion-mnist", "mnist"), hidden=(1000, 1000), epochs=5, seeds=3, tune_epochs=2),
+                  datasets=("fashion-mnist", "mnist"), network=NetSpec(hidden=[1000, 1000]), epochs=5, seeds=3,
+                  tune_epochs=2),
 }
 
 
@@ -98,9 +109,11 @@ class Entry:
         return f"{self.rule}-{self.arch}"
 
 
-def entries(rule_names: Iterable[str]) -> list[Entry]:
-    """Each rule on its own network, plus BP on every network some rule needs (for a fair baseline)."""
-    chosen = [Entry(name, rules.get(name).default_arch) for name in rule_names]
+def entries(rule_names: Iterable[str], arch: str = "mlp") -> list[Entry]:
+    """Each rule on ``arch`` (or on its own network where it cannot train that one), plus BP on every
+    network some rule needs (for a fair baseline)."""
+    chosen = [Entry(name, arch if rules.get(name).trains(arch) else rules.get(name).default_arch)
+              for name in rule_names]
     archs = sorted({e.arch for e in chosen})
     references = [Entry(REFERENCE, arch) for arch in archs if Entry(REFERENCE, arch) not in chosen]
     return chosen + references
@@ -123,15 +136,21 @@ class Run:
         return out / "runs" / self.stage / self.data / self.entry.slug / f"lr{self.lr:.3g}-seed{self.seed}"
 
 
+def entry_network(entry: Entry, suite: Suite) -> NetSpec:
+    """The suite's network, or, for a rule that needs its own architecture, that one with the suite's hidden sizes."""
+    if entry.arch == suite.arch:
+        return replace(suite.network, arch=entry.arch)
+    return NetSpec(arch=entry.arch, hidden=suite.network.hidden)
+
+
 def spec_of(run: Run, suite: Suite) -> RunSpec:
-    return RunSpec(rule=run.entry.rule, data=run.train_data, arch=run.entry.arch, hidden=list(suite.hidden),
+    return RunSpec(rule=run.entry.rule, data=run.train_data, **asdict(entry_network(run.entry, suite)),
                    lr=run.lr, seed=run.seed)
 
 
 def train_arguments(run: Run, suite: Suite, out: Path, threads: int) -> list[str]:
     """The ``localcredit train`` command line of one run."""
-    argv = ["train", "--rule", run.entry.rule, "--data", run.train_data, "--arch", run.entry.arch,
-            "--hidden", ",".join(map(str, suite.hidden)),
+    argv = ["train", "--rule", run.entry.rule, "--data", run.train_data, *to_argv(entry_network(run.entry, suite)),
             "--epochs", str(suite.tune_epochs if run.stage == "tune" else suite.epochs),
             "--batch-size", str(suite.batch_size), "--lr", repr(run.lr), "--seed", str(run.seed),
             "--threads", str(threads), "--out", str(run.folder(out)), "--quiet"]
@@ -158,7 +177,7 @@ def validate_suite(suite: Suite, chosen: Sequence[Entry], input_shape: tuple[int
     """Build every entry's network and rule once (no data needed): a bad suite fails before any run."""
     for entry in chosen:
         rule_cls = rules.get(entry.rule)
-        net = rule_cls.build_network(entry.arch, input_shape, num_classes, list(suite.hidden))
+        net = rule_cls.build_network(entry_network(entry, suite), input_shape, num_classes)
         rule_cls(net)
 
 
@@ -307,8 +326,8 @@ def probe(entry: Entry, data: str, suite: Suite, out: Path) -> dict:
     path = probe_file(entry, out)
     if path.exists():
         return json.loads(path.read_text())
-    command = [sys.executable, "-m", "localcredit.probe", "--rule", entry.rule, "--data", data, "--arch", entry.arch,
-               "--hidden", ",".join(map(str, suite.hidden)), "--batch-size", str(suite.batch_size), "--threads", "1"]
+    command = [sys.executable, "-m", "localcredit.probe", "--rule", entry.rule, "--data", data,
+               *to_argv(entry_network(entry, suite)), "--batch-size", str(suite.batch_size), "--threads", "1"]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"probing {entry.label} on {data} failed: {done.stderr.strip()[-300:]}")
@@ -350,7 +369,7 @@ def run_bench(options: BenchOptions) -> dict:
 
     check_options(options)
     suite, out = options.suite, options.out
-    chosen = entries(options.rule_names)
+    chosen = entries(options.rule_names, suite.arch)
     validate_suite(suite, chosen)
     datasets = {name: load(name) for name in suite.datasets}  # missing data fails here, before any run
     out.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,11 @@ from typing import Sequence
 
 import torch
 
-from . import distributed, rules
+from . import architectures, distributed, rules
 from .align import alignment
 from .data import describe_all, load
 from .errors import UserError
-from .experiment import RunSpec, default_out_dir, parse_hidden, prepare, run_info
+from .experiment import RunSpec, default_out_dir, prepare, run_info
 from .train import Diverged, Parallelism, TrainConfig, Trainer, epoch_order
 
 
@@ -33,11 +33,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rule", required=True, help="learning rule (see `localcredit rules`)")
     parser.add_argument("--data", required=True, help="fashion-mnist | mnist | cifar10 | npz:PATH")
     parser.add_argument("--data-root", help="folder holding the data set's files (default: $LOCALCREDIT_DATA/<name>)")
-    parser.add_argument("--arch", default=None, help="mlp | conv | ... (default: the rule's network, mlp for most)")
-    parser.add_argument("--hidden", default=None, type=parse_hidden_arg,
-                        help="hidden sizes, e.g. 1000,1000 (default: 1000 for mlp, none after the conv blocks)")
-    parser.add_argument("--activation", default=None,
-                        help="relu | tanh | sigmoid | leaky_relu | gelu (default: the architecture's, relu for mlp/conv)")
+    architectures.add_arguments(parser)
     parser.add_argument("--optimizer", default="adam", help="adam | sgd (default adam)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the rule's; 1e-3 adam, 0.05 sgd for most)")
     parser.add_argument("--seed", type=int, default=0)
@@ -46,17 +42,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="rule option, repeatable (see `localcredit rules`)")
 
 
-def parse_hidden_arg(text: str) -> list[int]:
-    try:
-        return parse_hidden(text)
-    except UserError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("--hidden ")) from None
-
-
 def _spec(args: argparse.Namespace) -> RunSpec:
-    return RunSpec(rule=args.rule, data=args.data, data_root=args.data_root, arch=args.arch, hidden=args.hidden,
-                   activation=args.activation, options=args.options, optimizer=args.optimizer, lr=args.lr,
-                   seed=args.seed)
+    return RunSpec(rule=args.rule, data=args.data, data_root=args.data_root, **architectures.from_args(args),
+                   options=args.options, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
 
 
 def _set_threads(threads: int | None) -> None:

@@ -3,42 +3,37 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import torch
 
 from . import rules
+from .architectures import NetSpec, parse_hidden
 from .data import Dataset, load
 from .errors import UserError
 from .rules.base import OptimConfig, Rule, parse_options
 
+__all__ = ["RunSpec", "FINGERPRINT_FIELDS", "parse_hidden", "validate", "build_rule", "prepare", "run_info",
+           "default_out_dir"]
 
-@dataclass
-class RunSpec:
+
+@dataclass(kw_only=True)
+class RunSpec(NetSpec):
+    """A run: the rule, the data, the network (the NetSpec fields it inherits) and the optimiser."""
+
     rule: str
     data: str
     data_root: str | None = None
-    arch: str | None = None  # None: the rule's default_arch
-    hidden: list[int] | None = None  # None: the architecture's default
-    activation: str | None = None  # None: the architecture's default (relu; leaky ReLU for invertible)
     options: list[str] = field(default_factory=list)  # the --set key=value strings
     optimizer: str = "adam"
     lr: float | None = None
     seed: int = 0
 
 
-def parse_hidden(text: str) -> list[int]:
-    """``"1000,500"`` -> [1000, 500]; ``""`` or ``"none"`` -> no hidden blocks."""
-    text = text.strip()
-    if text in ("", "none"):
-        return []
-    if not re.fullmatch(r"\d+(\s*,\s*\d+)*", text):
-        raise UserError(f"--hidden expects comma-separated positive integers like 1000,1000, got {text!r}")
-    sizes = [int(part) for part in text.split(",")]
-    if any(size < 1 for size in sizes):
-        raise UserError(f"--hidden sizes must be positive, got {text!r}")
-    return sizes
+#: What must match for a checkpoint to be resumed (the seed belongs to the training loop; the data's
+#: folder may move).
+FINGERPRINT_FIELDS = tuple(f.name for f in fields(RunSpec) if f.name not in ("data_root", "seed"))
 
 
 def validate(spec: RunSpec) -> Any:
@@ -57,7 +52,7 @@ def build_rule(spec: RunSpec, data: Dataset) -> Rule:
     config = validate(spec)
     rule_cls = rules.get(spec.rule)
     torch.manual_seed(spec.seed)
-    net = rule_cls.build_network(spec.arch or rule_cls.default_arch, data.input_shape, data.num_classes, spec.hidden, spec.activation)
+    net = rule_cls.build_network(spec.net_spec(), data.input_shape, data.num_classes)
     return rule_cls(net, config, OptimConfig(optimizer=spec.optimizer, lr=spec.lr))
 
 
@@ -69,14 +64,13 @@ def prepare(spec: RunSpec) -> tuple[Dataset, Rule]:
 
 
 def run_info(spec: RunSpec, rule: Rule) -> dict[str, Any]:
-    """The run's identity as written into result.json."""
+    """The run's identity as written into result.json (the network's resolved defaults included)."""
     info = asdict(spec)
-    info.update(arch=rule.net.arch, hidden=rule.net.hidden, options=asdict(rule.config))
+    info.update(arch=rule.net.arch, hidden=rule.net.hidden, options=asdict(rule.config),
+                network=rule.net.description)
     return info
 
 
 def default_out_dir(spec: RunSpec) -> str:
     data = re.sub(r"[^A-Za-z0-9._-]+", "-", spec.data.replace("npz:", "npz-").rsplit("/", 1)[-1])
     return f"runs/{spec.rule}-{data}-seed{spec.seed}"
-
-

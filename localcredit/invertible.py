@@ -9,19 +9,22 @@ them their own value as target). Weights start orthogonal, biases at zero: with 
 inverse is the transpose, which is what makes GAIT-prop equal BP at initialisation.
 
 Built with ``--arch invertible`` (the default of the gaitprop, tp and itp rules), so BP can train
-the very same network for comparison.
+the very same network for comparison. Its blocks are :class:`InvertibleBlock` s: a dense layer, an
+invertible activation and a selection of units, exposed separately because target propagation
+inverts each part (the invertible-layer protocol of these rules).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 from torch import nn
 
+from .architectures import NetSpec, register_architecture
 from .errors import UserError
-from .nets import Block, BlockNet, register_architecture
+from .layers import register_layer
+from .nets import BlockNet
 
 SLOPE = 0.1
 #: Widest default layer: square N x N layers cost N^3 to factorise every step.
@@ -55,6 +58,24 @@ class InvertibleIdentity(nn.Identity):
         return torch.ones_like(a)
 
 
+class InvertibleBlock(nn.Module):
+    """h = keep(activation(layer(flatten?(x)))): a dense layer, an invertible activation, a unit selection."""
+
+    def __init__(self, layer: nn.Linear, activation: nn.Module, keep: nn.Module | None = None, flatten: bool = False):
+        super().__init__()
+        self.layer = layer
+        self.activation = activation
+        self.pool = keep if keep is not None else nn.Identity()
+        self.flatten = flatten
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the layer sees it."""
+        return x.flatten(1) if self.flatten else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.activation(self.layer(self.prepare(x))))
+
+
 class KeepFirst(nn.Module):
     """Passes on the first ``n`` units; the remaining (auxiliary) units stay inside the layer."""
 
@@ -81,20 +102,19 @@ def orthogonal_linear(n_in: int, n_out: int) -> nn.Linear:
     return layer
 
 
-def invertible(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] | None = None,
-               activation: str | None = None) -> BlockNet:
+def invertible(spec: NetSpec, input_shape: tuple[int, ...], num_classes: int) -> BlockNet:
     """Input -> hidden[0] (never inverted) -> square hidden layers -> square output layer (first C units = logits).
 
     ``hidden`` lists the hidden widths, which must all be equal (the layers are square); default:
     three layers as wide as the input (clipped to [32, 1024], at least the class count).
     """
-    if activation not in (None, "leaky_relu"):
+    if spec.activation not in (None, "leaky_relu"):
         raise UserError(f"--arch invertible uses leaky ReLU (slope {SLOPE}), the invertible activation; "
-                        f"--activation {activation} is not supported")
+                        f"--activation {spec.activation} is not supported")
     input_size = math.prod(input_shape)
-    hidden = [default_width(input_size, num_classes)] * DEFAULT_DEPTH if hidden is None else list(hidden)
+    hidden = [default_width(input_size, num_classes)] * DEFAULT_DEPTH if spec.hidden is None else list(spec.hidden)
     if not hidden:
-        head = Block(orthogonal_linear(input_size, num_classes), InvertibleIdentity(), flatten=True)
+        head = InvertibleBlock(orthogonal_linear(input_size, num_classes), InvertibleIdentity(), flatten=True)
         return BlockNet([], head, input_shape, num_classes, arch="invertible", hidden=hidden)
     width = hidden[0]
     if any(size != width for size in hidden):
@@ -102,17 +122,20 @@ def invertible(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[
                         f"got {','.join(map(str, hidden))}")
     if width < num_classes:
         raise UserError(f"--arch invertible needs a width of at least the {num_classes} classes, got {width}")
-    blocks = [Block(orthogonal_linear(input_size if i == 0 else width, width), InvertibleLeakyReLU(),
-                    flatten=(i == 0)) for i in range(len(hidden))]
-    head = Block(orthogonal_linear(width, width), InvertibleIdentity(), pool=KeepFirst(num_classes))
+    blocks = [InvertibleBlock(orthogonal_linear(input_size if i == 0 else width, width), InvertibleLeakyReLU(),
+                              flatten=(i == 0)) for i in range(len(hidden))]
+    head = InvertibleBlock(orthogonal_linear(width, width), InvertibleIdentity(), keep=KeepFirst(num_classes))
     return BlockNet(blocks, head, input_shape, num_classes, arch="invertible", hidden=hidden)
 
 
 def is_invertible(net: BlockNet) -> bool:
     """Whether every layer after the first is a square dense layer with an invertible activation."""
     return net.arch == "invertible" and all(
-        isinstance(block.layer, nn.Linear) and block.layer.in_features == block.layer.out_features
+        isinstance(block, InvertibleBlock) and isinstance(block.layer, nn.Linear) and block.layer.in_features == block.layer.out_features
         and hasattr(block.activation, "inverse") for block in net.layers[1:])
 
 
 register_architecture("invertible", invertible)
+# Its forward applies its children in turn (the flatten of the first block is a reshape).
+register_layer(InvertibleBlock, "container")
+register_layer(KeepFirst, "local")

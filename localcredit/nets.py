@@ -1,86 +1,53 @@
-"""Networks as a list of blocks plus a head, with no knowledge of how they learn.
+"""Networks as a sequence of blocks plus a head, with no knowledge of how they learn.
 
-A block maps h_{l-1} -> a_l = layer(h_{l-1}) -> h_l = pool(f(a_l)). Rules need the two halves
-separately (feedback alignment swaps the layer's backward pass, DFA injects an error at h_l,
-attention rules need f'(a_l)), so a :class:`Block` exposes ``pre`` and ``post`` as well as
-``forward``. The head is a block with the identity activation whose output is the logits.
+A block is any ``nn.Module`` mapping h_{l-1} to h_l: one layer, conv-BN-activation-pool-dropout, a
+residual unit, a whole stage. The block is the unit of *credit*: a local rule puts one local loss
+on each block's output, DFA injects its error there, ``align`` reports one figure per block. The
+head is the last block; its output is the logits.
+
+The network owns its forward. Rules run it through :meth:`BlockNet.walk` (every block's output,
+optionally on detached inputs) or :meth:`BlockNet.block_forward` (one block), never by reaching into
+a block; rules that need per-layer math inside blocks get it from :mod:`localcredit.layers`.
+
+Batch-norm statistics change only in training forwards of blocks that train: a frozen block runs
+in eval mode, shapes are found in eval mode without gradients, and measurements that are not
+training (``align``) run inside :meth:`BlockNet.statistics_kept`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .errors import UserError
 
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "leaky_relu": lambda: nn.LeakyReLU(0.1),
-    "gelu": nn.GELU,
-}
-
-
-def make_activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise UserError(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
-
-
-class Block(nn.Module):
-    """One trainable layer with its activation (and optional pooling).
-
-    ``flatten`` makes a dense layer accept image-shaped input, so an MLP can sit
-    directly on images and a conv stack can hand over to dense blocks.
-    """
-
-    def __init__(self, layer: nn.Module, activation: nn.Module | None = None,
-                 pool: nn.Module | None = None, flatten: bool = False):
-        super().__init__()
-        self.layer = layer
-        self.activation = activation if activation is not None else nn.Identity()
-        self.pool = pool if pool is not None else nn.Identity()
-        self.flatten = flatten
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """The input as the layer sees it."""
-        return x.flatten(1) if self.flatten else x
-
-    def pre(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-activation a_l."""
-        return self.layer(self.prepare(x))
-
-    def post(self, a: torch.Tensor) -> torch.Tensor:
-        """Output h_l from the pre-activation."""
-        return self.pool(self.activation(a))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.post(self.pre(x))
-
-    @property
-    def out_features(self) -> int:
-        return self.layer.out_features if isinstance(self.layer, nn.Linear) else self.layer.out_channels
-
 
 class BlockNet(nn.Module):
-    """``blocks`` (hidden) followed by ``head`` (the output layer, logits)."""
+    """``blocks`` (hidden) followed by ``head`` (the output block, logits)."""
 
-    def __init__(self, blocks: Sequence[Block], head: Block, input_shape: tuple[int, ...],
-                 num_classes: int, arch: str = "mlp", hidden: Sequence[int] = ()):
+    def __init__(self, blocks: Sequence[nn.Module], head: nn.Module, input_shape: Sequence[int],
+                 num_classes: int, arch: str = "custom", hidden: Sequence[int] = (),
+                 description: dict[str, Any] | None = None):
         super().__init__()
-        self.hidden = list(hidden)  # the dense hidden sizes it was built with, for result.json
         self.blocks = nn.ModuleList(blocks)
         self.head = head
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.arch = arch
+        self.hidden = list(hidden)  # the dense hidden sizes it was built with, for result.json
+        self.description = dict(description or {})
+        #: per-sample shape of every layer's output (hidden blocks, then the head)
+        self.output_shapes = probe_output_shapes(self.layers, self.input_shape)
+        if self.output_shapes[-1] != (num_classes,):
+            raise UserError(f"the head's output has per-sample shape {self.output_shapes[-1]}; "
+                            f"it must be ({num_classes},), one logit per class")
 
     @property
-    def layers(self) -> list[Block]:
-        """Every trainable block, hidden ones first, the head last."""
+    def layers(self) -> list[nn.Module]:
+        """Every block that trains, hidden ones first, the head last."""
         return [*self.blocks, self.head]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,87 +55,125 @@ class BlockNet(nn.Module):
             x = block(x)
         return self.head(x)
 
+    def block_forward(self, l: int, h: torch.Tensor, *, detach_input: bool = False,
+                      frozen: bool = False) -> torch.Tensor:
+        """Layer ``l`` (``len(blocks)`` is the head) on ``h``.
+
+        ``detach_input``: no gradient reaches the layers below. ``frozen``: the block runs in eval
+        mode and without a graph, as a fixed feature extractor (its statistics stay as they are).
+        """
+        block = self.layers[l]
+        if detach_input:
+            h = h.detach()
+        if not frozen:
+            return block(h)
+        block.eval()
+        try:
+            with torch.no_grad():
+                return block(h)
+        finally:
+            block.train(self.training)
+
+    def walk(self, x: torch.Tensor, *, detach_inputs: bool = False) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(l, h_{l-1}, h_l) for every layer, the head last; with ``detach_inputs`` each layer's
+        input is detached, so a gradient from h_l reaches only layer l."""
+        h = x
+        for l in range(len(self.layers)):
+            h_in = h.detach() if detach_inputs else h
+            h = self.block_forward(l, h_in)
+            yield l, h_in, h
+
     def hidden_shapes(self) -> list[tuple[int, ...]]:
         """Per-sample shape of each hidden block's output h_l."""
-        return block_output_shapes(self.blocks, self.input_shape)
+        return self.output_shapes[:-1]
 
-    def hidden_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """h_1..h_L of the hidden blocks (with the graph, for rules that need it)."""
-        outputs = []
-        for block in self.blocks:
-            x = block(x)
-            outputs.append(x)
-        return outputs
+    @contextmanager
+    def statistics_kept(self) -> Iterator[None]:
+        """Forwards inside leave every buffer (batch-norm statistics) as it was.
+
+        The buffers are restored on the way out, in place: run the backward passes inside too
+        (autograd checks that the buffers it saved are unchanged).
+        """
+        saved = [(buffer, buffer.clone()) for buffer in self.buffers()]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in saved:
+                    buffer.copy_(value)
 
 
-def block_output_shapes(blocks: Sequence[Block], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Per-sample output shape after each block, found by one forward pass of a dummy sample."""
+def probe_output_shapes(layers: Sequence[nn.Module], input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Per-sample output shape of each layer, from one eval-mode forward of zeros without gradients.
+
+    Eval mode: batch norm uses (and keeps) its running statistics, dropout is off. A layer that
+    cannot take its input is a user error naming it.
+    """
+    modes = [(m, m.training) for layer in layers for m in layer.modules()]
+    parameter = next((p for layer in layers for p in layer.parameters()), None)
+    h = torch.zeros(2, *input_shape, device=parameter.device if parameter is not None else None,
+                    dtype=parameter.dtype if parameter is not None else None)
     shapes = []
-    with torch.no_grad():
-        h = torch.zeros(1, *input_shape)
-        for block in blocks:
-            h = block(h)
-            shapes.append(tuple(h.shape[1:]))
+    try:
+        for layer in layers:
+            layer.eval()
+        with torch.no_grad():
+            for l, layer in enumerate(layers):
+                try:
+                    h = layer(h)
+                except RuntimeError as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise UserError(f"block {l} ({type(layer).__name__}) cannot take an input of per-sample "
+                                    f"shape {tuple(h.shape[1:])}: {first}") from None
+                shapes.append(tuple(h.shape[1:]))
+    finally:
+        for module, training in modes:
+            module.training = training
     return shapes
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def has_parameters(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
 
 
-def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] | None = None,
-        activation: str = "relu") -> BlockNet:
-    """Dense network: input (flattened) -> hidden[0] -> ... -> num_classes (default hidden: 1000)."""
-    hidden = [1000] if hidden is None else hidden
-    sizes = [_numel(tuple(input_shape)), *hidden]
-    blocks = [Block(nn.Linear(n_in, n_out), make_activation(activation), flatten=(i == 0))
-              for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]))]
-    head = Block(nn.Linear(sizes[-1], num_classes), flatten=not blocks)
-    return BlockNet(blocks, head, input_shape, num_classes, arch="mlp", hidden=hidden)
+def blocknet(model: nn.Module | Sequence[nn.Module], input_shape: Sequence[int], num_classes: int,
+             group: Sequence[int] | None = None) -> BlockNet:
+    """Your own model as a BlockNet: each child of ``model`` (an ``nn.Sequential`` or a list) a block, the last the head.
 
-
-def convnet(input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] | None = None,
-            channels: Sequence[int] = (32, 64), activation: str = "relu") -> BlockNet:
-    """Small conv net: 3x3 conv + activation + 2x2 max-pool per channel entry, then dense ``hidden``.
-
-    Works on any image size divisible by 2**len(channels) (1x28x28, 3x32x32, ...).
+    ``group`` joins consecutive children into one block: ``group=[4, 4, 2]`` makes blocks of the first
+    four children, the next four, and the last two (the head). The modules are used as they are,
+    not copied: the BlockNet and ``model`` share their weights.
     """
-    if len(input_shape) != 3:
-        raise UserError(f"--arch conv needs image data (C, H, W); this data set has shape {tuple(input_shape)}")
-    hidden = [] if hidden is None else hidden
-    c_in, height, width = input_shape
-    if min(height, width) < 2 ** len(channels):
-        raise UserError(f"images of {height}x{width} are too small for {len(channels)} pooled conv blocks")
-    blocks: list[Block] = []
-    for c_out in channels:
-        blocks.append(Block(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), make_activation(activation),
-                            pool=nn.MaxPool2d(2)))
-        c_in = c_out
-    features = _numel(block_output_shapes(blocks, tuple(input_shape))[-1])
-    for i, width_out in enumerate(hidden):
-        blocks.append(Block(nn.Linear(features, width_out), make_activation(activation), flatten=(i == 0)))
-        features = width_out
-    head = Block(nn.Linear(features, num_classes), flatten=not hidden)
-    return BlockNet(blocks, head, input_shape, num_classes, arch="conv", hidden=hidden)
+    if isinstance(model, nn.Sequential) or (isinstance(model, (list, tuple)) and
+                                            all(isinstance(m, nn.Module) for m in model)):
+        children = list(model)
+    else:
+        raise UserError(f"blocknet takes an nn.Sequential (or a list of modules) whose children run in order; "
+                        f"got {type(model).__name__}")
+    if len(input_shape) == 0 or any(int(s) < 1 for s in input_shape):
+        raise UserError(f"input_shape must be the per-sample shape, e.g. (1, 28, 28); got {tuple(input_shape)}")
+    groups = _grouped(children, group)
+    if len(groups) < 1:
+        raise UserError("blocknet needs at least one module (the head)")
+    layers = [g[0] if len(g) == 1 else nn.Sequential(*g) for g in groups]
+    for l, layer in enumerate(layers):
+        if not has_parameters(layer):
+            what = "the head" if l == len(layers) - 1 else f"block {l}"
+            raise UserError(f"{what} ({', '.join(type(m).__name__ for m in groups[l])}) has no trainable "
+                            f"parameters: join it to a neighbour with group=[...]")
+    return BlockNet(layers[:-1], layers[-1], tuple(int(s) for s in input_shape), num_classes, arch="custom",
+                    description={"blocks": [[type(m).__name__ for m in g] for g in groups]})
 
 
-ARCHITECTURES: dict[str, Callable[..., BlockNet]] = {"mlp": mlp, "conv": convnet}
-
-
-def register_architecture(name: str, builder: Callable[..., BlockNet]) -> None:
-    """Make ``--arch name`` build networks with ``builder(input_shape, num_classes, hidden=, activation=)``."""
-    if name in ARCHITECTURES and ARCHITECTURES[name] is not builder:
-        raise ValueError(f"architecture {name!r} registered twice")
-    ARCHITECTURES[name] = builder
-
-
-def build(arch: str, input_shape: tuple[int, ...], num_classes: int, hidden: Sequence[int] | None,
-          activation: str | None = None) -> BlockNet:
-    """Build a registered architecture by name (``None``: the architecture's default hidden sizes / activation)."""
-    if arch not in ARCHITECTURES:
-        raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHITECTURES)}")
-    chosen = {} if activation is None else {"activation": activation}
-    return ARCHITECTURES[arch](tuple(input_shape), num_classes, hidden=hidden, **chosen)
+def _grouped(children: list[nn.Module], group: Sequence[int] | None) -> list[list[nn.Module]]:
+    if group is None:
+        return [[child] for child in children]
+    sizes = list(group)
+    if any(not isinstance(n, int) or n < 1 for n in sizes) or sum(sizes) != len(children):
+        raise UserError(f"group={sizes} must be positive counts of consecutive children that add up to the "
+                        f"model's {len(children)} children")
+    groups, start = [], 0
+    for n in sizes:
+        groups.append(children[start:start + n])
+        start += n
+    return groups

@@ -105,15 +105,15 @@ def step_time_ms(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m localcredit.probe --rule R --data D [--arch A] [--hidden H] [--batch-size B]``: one JSON line."""
-    from .experiment import RunSpec, build_rule, parse_hidden
+    """``python -m localcredit.probe --rule R --data D [network options of train] [--batch-size B]``: one JSON line."""
+    from . import architectures
+    from .experiment import RunSpec, build_rule
     from .data import load
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--rule", required=True)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--arch", default=None)
-    parser.add_argument("--hidden", type=parse_hidden, default=None)
+    architectures.add_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6, help="steps of the memory measurement")
     parser.add_argument("--timed-steps", type=int, default=30, help="steps timed after them")
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = load(args.data)
-    rule = build_rule(RunSpec(rule=args.rule, data=args.data, arch=args.arch, hidden=args.hidden), data)
+    rule = build_rule(RunSpec(rule=args.rule, data=args.data, **architectures.from_args(args)), data)
     b = args.batch_size
     batches = [(data.x_train[i * b:(i + 1) * b], data.y_train[i * b:(i + 1) * b])
                for i in range(args.steps + args.timed_steps)]

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .data import Dataset
 from .errors import UserError
+from .experiment import FINGERPRINT_FIELDS
 from .rules.base import Rule
 
 CHECKPOINT = "checkpoint.pt"
@@ -264,9 +265,8 @@ class Trainer:
 
     def _fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed by this run."""
-        keep = ("rule", "data", "arch", "hidden", "activation", "options", "optimizer", "lr")
         return {"train": {k: v for k, v in asdict(self.config).items() if k != "progress"},
-                "run": {k: self.run_info.get(k) for k in keep}}
+                "run": {k: self.run_info.get(k) for k in FINGERPRINT_FIELDS}}
 
     def _save_checkpoint(self) -> None:
         if self.out_dir is None or not self.parallel.writer:

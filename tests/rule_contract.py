@@ -32,9 +32,9 @@ class RuleContract:
     lr: float | None = None
     supports_conv: bool = True
 
-    def make(self, data, seed=0, arch=None, hidden=None, options=None):
+    def make(self, data, seed=0, arch=None, hidden=None, options=None, **network):
         spec = RunSpec(rule=self.rule, data=data.name, arch=arch, hidden=self.hidden if hidden is None else hidden,
-                       options=self.options if options is None else options, seed=seed, lr=self.lr)
+                       options=self.options if options is None else options, seed=seed, lr=self.lr, **network)
         return build_rule(spec, data)
 
     def batch(self, data, n=64, offset=0):

@@ -8,7 +8,8 @@ import torch
 from localcredit.align import alignment, bp_gradients
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.rules.attention import BudgetConfig, attention_support, received_attention
+from localcredit.layers import LINEAR, swapped_input_gradients, weight_layers
+from localcredit.rules.attention import BudgetConfig, attention_support
 from localcredit.rules.base import parse_options
 from localcredit.train import TrainConfig, Trainer
 
@@ -37,6 +38,18 @@ class TestNextLayerAttentionBP(RuleContract):
         assert len(errors) == len(rule.net.layers)
         assert max(errors) < 1e-5, errors
 
+    @pytest.mark.parametrize("network", [
+        dict(arch="vgg", channels="6,M,8,M", hidden=[16]),  # conv-BN-ReLU-pool and Linear-BN1d-ReLU blocks
+        dict(arch="resnet", depth=8, width=0.5),  # residual units: two paths added, strided, 1x1 shortcuts
+        dict(arch="mlp", hidden=[32, 16], norm="batch", activation="tanh"),
+    ])
+    def test_theorem_holds_through_batch_norm_and_residual_blocks(self, fashion_small, network):
+        rule = build_rule(RunSpec(rule=self.rule, data=fashion_small.name, **network), fashion_small).double()
+        x, y = self.batch(fashion_small, n=40)
+        errors = relative_errors(rule, x.double(), y)
+        assert len(errors) == len(rule.net.layers)
+        assert max(errors) < 1e-5, errors
+
     def test_theorem_holds_in_float32_after_training(self, fashion_small):
         rule = self.make(fashion_small)
         for i in range(5):
@@ -49,8 +62,8 @@ class TestNextLayerAttentionBP(RuleContract):
         stats = rule.statistics()
         assert len(stats["per_epoch"]) == 2
         for record in stats["per_epoch"]:
-            assert len(record["attention_support"]) == len(rule.net.layers) - 1
-            assert all(0 < s <= 1 for s in record["attention_support"])
+            assert list(record["attention_support"]) == [name for name, _ in weight_layers(rule.net)][1:]
+            assert all(0 < s <= 1 for s in record["attention_support"].values())
             assert min(record["cosine_with_bp"]) > 0.99999
         restored = self.make(fashion_small)
         restored.load_extra_state(rule.extra_state())
@@ -62,8 +75,8 @@ class TestNextLayerAttention(RuleContract):
     accuracy_floor = 0.80
 
     def kernels(self, rule):
-        return [(layer.layer.weight.detach(), rule.attention_kernel(layer.layer.weight.detach()))
-                for layer in rule.net.layers]
+        return [(layer.weight.detach(), rule.attention_kernel(layer.weight.detach()))
+                for _, layer in weight_layers(rule.net)]
 
     @pytest.mark.parametrize("options", [["attention=softmax"], ["attention=softmax", "tau=0.2", "budget=2.5"],
                                          ["attention=topk", "k=7"], ["attention=topk", "k=40", "budget=0.5"]])
@@ -88,16 +101,21 @@ class TestNextLayerAttention(RuleContract):
         # is exactly what the rule passes down.
         rule = self.make(fashion_small, hidden=[32, 16], options=["attention=topk", "k=5", "budget=3"])
         x, y = self.batch(fashion_small, n=8)
-        traces = rule.forward_traces(x)
-        head, trace = rule.net.head, traces[-1]
-        attention, _ = rule.output_attention(trace.output, y)
-        need = torch.autograd.grad(trace.output, trace.pre, attention)[0]
-        kernel = rule.attention_kernel(head.layer.weight.detach())
+        head = rule.net.head
+        logits = rule.net(x).detach().requires_grad_()
+        need = -torch.autograd.grad(rule.task_loss(logits, y), logits)[0]  # the head's need: the task's attention
+        kernel = rule.attention_kernel(head.weight.detach())
         alpha = need[:, :, None] * kernel[None]  # (sample, j, i)
-        weight_l1 = head.layer.weight.detach().abs().sum(1)
+        weight_l1 = head.weight.detach().abs().sum(1)
         torch.testing.assert_close(alpha.abs().sum(2), 3 * need.abs() * weight_l1)
         assert ((alpha != 0).sum(2)[need != 0] == 5).all()
-        torch.testing.assert_close(received_attention(head.layer, trace, need, kernel), alpha.sum(1))
+        # What the head's registered math passes down with this kernel is exactly A_i = sum_j alpha_ji ...
+        torch.testing.assert_close(LINEAR.input_gradient(head, torch.Size((8, 16)), kernel, need), alpha.sum(1))
+        # ... and what the rule's step sends to the last hidden block is the same (with the gradient sign).
+        hidden_out = rule.net.blocks[-1](rule.net.blocks[0](x)).detach().requires_grad_()
+        with swapped_input_gradients(rule.net, rule.layer_kernel):
+            rule.task_loss(head(hidden_out), y).backward()
+        torch.testing.assert_close(-hidden_out.grad, alpha.sum(1))
 
     def test_full_topk_with_unit_budget_is_bp(self, fashion_small):
         rule = self.make(fashion_small, hidden=[64, 32], options=["attention=topk", "k=100000"]).double()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from localcredit import rules
+from localcredit.architectures import NetSpec
 from localcredit.bench import (SUITES, BenchOptions, Entry, Run, Suite, entries, final_runs, initial_grid, run_bench,
                                train_arguments, tune, tuning_runs, validate_suite, widen)
 from localcredit.bench_report import PLOTS
@@ -19,7 +20,7 @@ from localcredit.rules.base import _REGISTRY, register
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-TINY = Suite("tiny", "test suite", datasets=("fashion-mnist",), hidden=(64, 64), epochs=2, seeds=1,
+TINY = Suite("tiny", "test suite", datasets=("fashion-mnist",), network=NetSpec(hidden=[64, 64]), epochs=2, seeds=1,
              limit_train=3000, tune_epochs=1, lr_span=1, lr_extensions=0)
 
 

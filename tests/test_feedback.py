@@ -1,8 +1,10 @@
 """fa and dfa: exact where theory says so (B = W^T makes FA equal BP), clearly not BP at random B."""
 
+import pytest
 import torch
 
 from localcredit.align import alignment, bp_gradients
+from localcredit.layers import weight_layers
 
 from .rule_contract import RuleContract
 
@@ -11,14 +13,19 @@ class TestFeedbackAlignment(RuleContract):
     rule = "fa"
     accuracy_floor = 0.78
 
-    def test_equals_bp_when_feedback_is_the_transpose(self, fashion_small):
-        for arch, hidden in (("mlp", [64, 32]), ("conv", [32])):
-            rule = self.make(fashion_small, arch=arch, hidden=hidden)
-            for i, block in enumerate(rule.net.layers):
-                getattr(rule, f"feedback_{i}").copy_(block.layer.weight.detach())
-            x, y = self.batch(fashion_small, n=40)
-            for got, want in zip(rule.update_directions(x, y), bp_gradients(rule, x, y)):
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    @pytest.mark.parametrize("network", [
+        dict(arch="mlp", hidden=[64, 32]),
+        dict(arch="conv", hidden=[32]),
+        dict(arch="vgg", channels="6,M,8,M", hidden=[16]),  # BN after every conv and dense layer, bias-free
+        dict(arch="resnet", depth=8, width=0.5),  # residual units, strided convs, 1x1 shortcuts
+    ])
+    def test_equals_bp_when_feedback_is_the_weight(self, fashion_small, network):
+        rule = self.make(fashion_small, **network)
+        for name, layer in weight_layers(rule.net):
+            rule.feedback(name).copy_(layer.weight.detach())
+        x, y = self.batch(fashion_small, n=40)
+        for got, want in zip(rule.update_directions(x, y), bp_gradients(rule, x, y)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
     def test_head_gradient_is_exact_and_hidden_ones_are_not(self, fashion_small):
         rule = self.make(fashion_small)
@@ -41,7 +48,7 @@ class TestDirectFeedbackAlignment(RuleContract):
     def test_equals_bp_for_one_hidden_layer_when_feedback_is_the_head(self, fashion_small):
         # With one hidden block, BP's error at h_1 is W_head^T e: DFA with B_1 = W_head is BP.
         rule = self.make(fashion_small, hidden=[50])
-        rule.feedback_0.copy_(rule.net.head.layer.weight.detach())
+        rule.feedback_0.copy_(rule.net.head.weight.detach())
         x, y = self.batch(fashion_small, n=40)
         for got, want in zip(rule.update_directions(x, y), bp_gradients(rule, x, y)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

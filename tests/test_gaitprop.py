@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from localcredit.align import alignment
+from localcredit.architectures import NetSpec
 from localcredit.data import Dataset
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
@@ -178,7 +179,7 @@ class TestInvertibleNetwork:
 
     def test_shape_square_orthogonal_and_head_keeps_the_logits(self):
         torch.manual_seed(0)
-        net = invertible((1, 28, 28), 10)
+        net = invertible(NetSpec(), (1, 28, 28), 10)
         assert net.hidden == [784] * 3 and len(net.layers) == 4
         for block in net.layers:
             w = block.layer.weight.detach()
@@ -189,16 +190,16 @@ class TestInvertibleNetwork:
     def test_width_rules(self):
         assert default_width(3 * 32 * 32, 10) == 1024  # capped: N^3 work per step
         assert default_width(784, 10) == 784 and default_width(20, 100) == 100
-        assert invertible((4,), 3).hidden == [32] * 3
-        net = invertible((20,), 5, hidden=[40, 40])
+        assert invertible(NetSpec(), (4,), 3).hidden == [32] * 3
+        net = invertible(NetSpec(hidden=[40, 40]), (20,), 5)
         assert net.layers[0].layer.weight.shape == (40, 20)  # the first layer may be non-square
-        assert invertible((20,), 5, hidden=[]).head.layer.weight.shape == (5, 20)
+        assert invertible(NetSpec(hidden=[]), (20,), 5).head.layer.weight.shape == (5, 20)
         with pytest.raises(UserError, match="square"):
-            invertible((20,), 5, hidden=[40, 30])
+            invertible(NetSpec(hidden=[40, 30]), (20,), 5)
         with pytest.raises(UserError, match="classes"):
-            invertible((20,), 50, hidden=[40])
+            invertible(NetSpec(hidden=[40]), (20,), 50)
         with pytest.raises(UserError, match="leaky"):
-            invertible((20,), 5, activation="tanh")
+            invertible(NetSpec(activation="tanh"), (20,), 5)
 
     @pytest.mark.parametrize("rule", ["gaitprop", "tp", "itp", "bp"])
     def test_unseen_shapes_train(self, rule):

@@ -2,18 +2,20 @@
 
 Only the paper's abstract is public; the formulation is METHODS.md section 000 and the derivation
 (definitions, best response, the theorem that linear attention is BP, the budgeted variants) is
-written up in docs/nan.md. In one paragraph: block l maps its input x_l to a_l = W_l x_l + b and
-h_l = pool(f(a_l)). Every unit i of h_l receives attention A_i from the next layer; its need is
-s = A * f'(a) (through the pool's own routing), and it updates its own incoming weights by the best
-response dW_ik = s_i x_k. Next-layer unit j pays input i the attention alpha_ji = s_j * M_ji, so
-the received attention is A_prev = s M: the attention kernel M is W itself for ``nan-bp`` (and then
-A^l = -dL/dh_l exactly: the strategy is BP) and a budgeted re-weighting of W for ``nan``. The head's
-attention comes from the task: A^L = -dL/dlogits.
+written up in docs/nan.md. In one paragraph: a unit i of a layer with weights (Linear, Conv)
+receives attention A_i from the layers it feeds; its need is s = A * f'(a), through the local
+derivative of whatever lies between it and those layers (activation, batch norm, pooling, the
+residual add); it updates its own incoming weights by the best response dW_ik = s_i x_k. Next-layer
+unit j pays input i the attention alpha_ji = s_j * M_ji, so the received attention is A = s M:
+the attention kernel M is W itself for ``nan-bp`` (and then A = -dL/dh exactly: the strategy is
+BP) and a budgeted re-weighting of W for ``nan``. The head's attention comes from the task:
+A = -dL/dlogits.
 
-Everything is computed explicitly, block by block: matrix products for dense layers, the transposed
-convolution and ``conv2d_weight`` for conv layers. The only autograd use is the local
-vector-Jacobian product through ``block.post`` (the unit's own f'(a) and the pool's routing), and
-dL/dlogits at the output; no error is backpropagated through the network by autograd.
+How it runs: every message is computed by the per-layer-type math of ``localcredit.layers``. Each
+weight layer's best response is its registered parameter gradient and the attention it passes
+down is its registered input gradient with M in place of W (``swapped_input_gradients``); the
+local derivatives between weight layers are those layers' own backward passes. Autograd only
+schedules these local computations from the head down (it carries -A, the gradient sign).
 """
 
 from __future__ import annotations
@@ -22,52 +24,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ..errors import UserError
+from ..layers import check_layer_math, swapped_input_gradients, weight_layers
 from .base import Rule, option, register
 
 #: the share of a next-layer unit's attention whose support is reported by ``statistics()``
 ATTENTION_MASS = 0.9
-
-
-@dataclass
-class BlockTrace:
-    """What block l remembers from the forward pass: its input, pre-activation and the local post graph."""
-
-    inputs: torch.Tensor  # h_{l-1} as the block received it (image-shaped for conv)
-    layer_input: torch.Tensor  # x_l = prepare(h_{l-1}), what the layer multiplies
-    pre: torch.Tensor  # a_l, a leaf: the post graph below reaches no weight
-    output: torch.Tensor  # h_l = post(a_l), with the graph of post only
-
-
-def unit_need(trace: BlockTrace, attention: torch.Tensor) -> torch.Tensor:
-    """s = A * f'(a), routed back through the pool: the vector-Jacobian product of ``post`` alone."""
-    (need,) = torch.autograd.grad(trace.output, trace.pre, attention)
-    return need
-
-
-def best_response(layer: nn.Module, trace: BlockTrace, need: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each unit's ascent on R_i = sg(A_i) h_i over its own incoming weights, summed over the batch."""
-    if isinstance(layer, nn.Linear):
-        return need.t() @ trace.layer_input, need.sum(0)
-    if isinstance(layer, nn.Conv2d):
-        weight = conv2d_weight(trace.layer_input, layer.weight.shape, need, layer.stride, layer.padding,
-                               layer.dilation, layer.groups)
-        return weight, need.sum((0, 2, 3))
-    raise TypeError(f"next-layer attention does not support {type(layer).__name__}")
-
-
-def received_attention(layer: nn.Module, trace: BlockTrace, need: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """A_i = sum_j alpha_ji = sum_j s_j M_ji for every input unit i of the block (shape of h_{l-1})."""
-    if isinstance(layer, nn.Linear):
-        return (need @ kernel).view_as(trace.inputs)
-    if isinstance(layer, nn.Conv2d):
-        return conv2d_input(trace.inputs.shape, kernel, need, layer.stride, layer.padding, layer.dilation,
-                            layer.groups)
-    raise TypeError(f"next-layer attention does not support {type(layer).__name__}")
 
 
 def attention_support(kernel: torch.Tensor, mass: float = ATTENTION_MASS) -> float:
@@ -91,6 +55,7 @@ class NextLayerAttentionBP(Rule):
     """
 
     def __init__(self, net, config=None, optim=None):
+        check_layer_math(net.layers, self.name, "passes attention through every layer by that layer's own math")
         super().__init__(net, config, optim)
         self._last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.epoch_records: list[dict[str, Any]] = []
@@ -99,58 +64,35 @@ class NextLayerAttentionBP(Rule):
         """M with alpha_ji = s_j M_ji; linear attention pays each input in proportion to its weight."""
         return weight
 
+    def layer_kernel(self, name: str, layer: nn.Module) -> torch.Tensor:
+        return self.attention_kernel(layer.weight.detach())
+
     # ----- the game, one round per batch -------------------------------------------------------
-    def forward_traces(self, x: torch.Tensor) -> list[BlockTrace]:
-        traces, h = [], x
-        for block in self.net.layers:
-            layer_input = block.prepare(h)
-            with torch.no_grad():
-                pre = block.layer(layer_input)
-            pre.requires_grad_(True)
-            with torch.enable_grad():
-                output = block.post(pre)
-            traces.append(BlockTrace(h, layer_input, pre, output))
-            h = output.detach()
-        return traces
-
-    def output_attention(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The task's attention on the output units, A^L = -dL/dlogits (softmax minus one-hot over batch size)."""
-        logits = logits.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = self.task_loss(logits, y)
-        (gradient,) = torch.autograd.grad(loss, logits)
-        return -gradient, loss.detach()
-
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         self._last_batch = (x, y)
-        traces = self.forward_traces(x)
-        attention, loss = self.output_attention(traces[-1].output, y)
-        for depth in reversed(range(len(traces))):
-            block, trace = self.net.layers[depth], traces[depth]
-            with torch.no_grad():
-                need = unit_need(trace, attention)
-                weight_response, bias_response = best_response(block.layer, trace, need)
-                # The optimiser descends: the best response (an ascent direction) enters with a minus sign.
-                block.layer.weight.grad = -weight_response
-                if block.layer.bias is not None:
-                    block.layer.bias.grad = -bias_response
-                if depth > 0:  # the first block's inputs are data, not agents
-                    kernel = self.attention_kernel(block.layer.weight.detach())
-                    attention = received_attention(block.layer, trace, need, kernel)
+        with swapped_input_gradients(self.net, self.layer_kernel):
+            loss = self.task_loss(self.net(x), y)
+            # The gradient sign: -A flows down; each weight layer writes -(its best response) into
+            # .grad, which the optimiser descends.
+            loss.backward()
         return {"loss": loss.item()}
 
     # ----- per-epoch statistics ---------------------------------------------------------------
+    def attending_layers(self) -> list[tuple[str, nn.Module]]:
+        """The weight layers that pass attention down: all but the first, whose inputs are data."""
+        return weight_layers(self.net)[1:]
+
     def record(self) -> dict[str, Any]:
-        """Per block that passes attention down: its support and, on the last batch seen, the cosine with BP."""
+        """Per weight layer that passes attention down: its support; per block, on the last batch seen, the cosine with BP."""
         from ..align import alignment  # align imports the rules package: import it at call time
 
-        layers = self.net.layers[1:]
         with torch.no_grad():
-            support = [attention_support(self.attention_kernel(b.layer.weight.detach())) for b in layers]
+            support = {name: round(attention_support(self.layer_kernel(name, layer)), 6)
+                       for name, layer in self.attending_layers()}
         cosine = None
         if self._last_batch is not None:
             cosine = [round(c, 6) for c in alignment(self, *self._last_batch)]
-        return {"attention_support": [round(s, 6) for s in support], "cosine_with_bp": cosine}
+        return {"attention_support": support, "cosine_with_bp": cosine}
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         # Called before epoch `epoch`: the weights are those at the end of the previous epoch.
@@ -163,9 +105,9 @@ class NextLayerAttentionBP(Rule):
             records.append(self.record())
         return {
             "attention_mass": ATTENTION_MASS,
-            "attention_support_meaning": (f"per block that passes attention down (blocks 2..L), mean over its "
-                                          f"units j of the fraction of j's inputs receiving {ATTENTION_MASS:.0%} "
-                                          f"of j's attention"),
+            "attention_support_meaning": (f"per weight layer that passes attention down (all but the first), "
+                                          f"mean over its units j of the fraction of j's inputs receiving "
+                                          f"{ATTENTION_MASS:.0%} of j's attention"),
             "cosine_with_bp_meaning": "per block (1..L), cosine of the update with BP's on the epoch's last batch",
             "per_epoch": records,
         }

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..architectures import NetSpec, build as build_net
 from ..errors import UserError
-from ..nets import BlockNet, build as build_net
+from ..nets import BlockNet
 
 _REGISTRY: dict[str, type["Rule"]] = {}
 
@@ -56,6 +57,24 @@ def get(name: str) -> type["Rule"]:
 def available() -> dict[str, str]:
     """Rule name -> one-line description, for every registered rule."""
     return {name: cls.summary() for name, cls in sorted(_REGISTRY.items())}
+
+
+def make_rule(name: str, net: BlockNet, *, optimizer: str = "adam", lr: float | None = None,
+              momentum: float = 0.9, weight_decay: float = 0.0, **options: Any) -> "Rule":
+    """The rule ``name`` training ``net``; ``options`` are the rule's own (``localcredit rules``), checked.
+
+    The rule's fixed random matrices and auxiliary heads are drawn from torch's global generator:
+    seed it (``torch.manual_seed``) for a repeatable run.
+    """
+    rule_cls = get(name)
+    if not isinstance(net, BlockNet):
+        raise UserError(f"make_rule needs a BlockNet (localcredit.blocknet(...)), got {type(net).__name__}")
+    if optimizer not in DEFAULT_LR:
+        raise UserError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
+    if lr is not None and not lr > 0:
+        raise UserError(f"lr must be positive, got {lr}")
+    config = make_config(rule_cls.Config, options)
+    return rule_cls(net, config, OptimConfig(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay))
 
 
 def option(default: Any, help: str) -> Any:
@@ -113,6 +132,32 @@ def parse_options(config_cls: type, assignments: Sequence[str]) -> Any:
     return config
 
 
+def make_config(config_cls: type, values: dict[str, Any]) -> Any:
+    """Build a rule's Config from Python values (``lc.make_rule(..., loss="ce")``), checking names and types."""
+    hints = typing.get_type_hints(config_cls)
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    for key, value in values.items():
+        if key not in names:
+            raise UserError(f"unknown option {key!r} for this rule; its options are: {', '.join(names) or 'none'}")
+        _check_type(key, value, hints[key])
+    config = config_cls(**values)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def _check_type(key: str, value: Any, kind: Any) -> None:
+    choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+    if choices:
+        if value not in choices:
+            raise UserError(f"option {key}={value!r} is not one of {', '.join(map(str, choices))}")
+        return
+    allowed = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, allowed):
+        raise UserError(f"option {key}={value!r} is not a valid {kind.__name__}")
+
+
 def _convert(key: str, raw: str, kind: Any) -> Any:
     choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
     if choices:
@@ -158,6 +203,8 @@ class Rule(nn.Module):
     name: ClassVar[str] = "?"
     Config: ClassVar[type] = EmptyConfig
     default_arch: ClassVar[str] = "mlp"  # what --arch means when not given
+    #: the architectures this rule can train (None: any)
+    networks: ClassVar[tuple[str, ...] | None] = None
     #: True when every layer learns from a signal computed at that layer alone, on a detached input:
     #: such layers can train at the same time on different processes (``--parallel blocks``).
     #: A local rule implements :meth:`block_step_loss`.
@@ -180,10 +227,16 @@ class Rule(nn.Module):
         return (cls.__doc__ or "").strip().splitlines()[0]
 
     @classmethod
-    def build_network(cls, arch: str, input_shape: tuple[int, ...], num_classes: int,
-                      hidden: Sequence[int] | None, activation: str | None = None) -> BlockNet:
-        """The network this rule trains; rules that need a special one (invertible) override it."""
-        return build_net(arch, input_shape, num_classes, hidden, activation)
+    def build_network(cls, spec: NetSpec, input_shape: tuple[int, ...], num_classes: int) -> BlockNet:
+        """The network ``spec`` describes (its arch defaulting to the rule's ``default_arch``)."""
+        spec = dataclasses.replace(spec.net_spec(), arch=spec.arch or cls.default_arch)
+        if not cls.trains(spec.arch):
+            raise UserError(f"rule {cls.name} needs --arch {' or '.join(cls.networks)}, not {spec.arch!r}")
+        return build_net(spec, input_shape, num_classes)
+
+    @classmethod
+    def trains(cls, arch: str) -> bool:
+        return cls.networks is None or arch in cls.networks
 
     @classmethod
     def default_lr(cls, optimizer: str) -> float:
@@ -280,10 +333,14 @@ class Rule(nn.Module):
         return self.logits(x).argmax(dim=1)
 
     def update_directions(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-        """Per trainable block (hidden blocks, then head): the flattened update direction, before the optimiser."""
+        """Per trainable block (hidden blocks, then head): the flattened update direction, before the optimiser.
+
+        A measurement, not a training step: batch-norm statistics are left as they were.
+        """
         self.net.train()
         self.zero_grad()
-        self.assign_credit(x, y)
+        with self.net.statistics_kept():
+            self.assign_credit(x, y)
         directions = [flat_grad(layer.parameters()) for layer in self.net.layers]
         self.zero_grad()
         return directions

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Literal, Sequence
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .. import invertible  # noqa: F401  (registers --arch invertible whenever rules load)
 from ..errors import UserError
 from ..invertible import is_invertible
-from ..nets import BlockNet, build as build_net
+from ..nets import BlockNet
 from .base import Rule, option, register
 
 #: Adam learning rate when --lr is not given: the orthogonality regulariser needs slow steps
@@ -90,13 +90,8 @@ class InvertibleTargetRule(Rule):
 
     Config: ClassVar[type] = TargetPropConfig
     default_arch: ClassVar[str] = "invertible"
+    networks: ClassVar[tuple[str, ...]] = ("invertible",)  # it inverts its layers
 
-    @classmethod
-    def build_network(cls, arch: str, input_shape: tuple[int, ...], num_classes: int,
-                      hidden: Sequence[int] | None, activation: str | None = None) -> BlockNet:
-        if arch != "invertible":
-            raise UserError(f"rule {cls.name} inverts its layers: it needs --arch invertible, not {arch!r}")
-        return build_net(arch, input_shape, num_classes, hidden, activation)
 
     @classmethod
     def default_lr(cls, optimizer: str) -> float:

@@ -116,7 +116,7 @@ class LeaderFollowerLocal(Rule):
         return loss
 
     def block_step_loss(self, l: int, h_in: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.net.layers[l](h_in.detach())
+        h = self.net.block_forward(l, h_in, detach_input=True)
         if l == len(self.net.blocks):
             return h.detach(), F.cross_entropy(h, y)
         if l == 0:
@@ -210,13 +210,14 @@ class LeaderFollower(LeaderFollowerLocal):
 
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         total = x.new_zeros(())
-        h = x
-        for l, block in enumerate(self.net.blocks):
-            h = block(h)
+        for l, _, h in self.net.walk(x):
+            if l == len(self.net.blocks):
+                break  # h is the logits
             loss = self.block_loss(l, h, y)
+            block = self.net.blocks[l]
             loss.backward(inputs=[*block.parameters(), *self.worker_heads[l].parameters()], retain_graph=True)
             total += loss.detach()
-        head_loss = F.cross_entropy(self.net.head(h), y)
+        head_loss = F.cross_entropy(h, y)
         # The head's own loss (as in lfnn-l) reaches the head only; the global copy reaches every block.
         head_loss.backward(inputs=list(self.net.head.parameters()), retain_graph=True)
         (self.config.global_weight * head_loss).backward()

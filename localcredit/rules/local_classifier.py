@@ -131,11 +131,11 @@ class LocalRandomClassifiers(Rule):
         return features @ getattr(self, f"classifier_{l}").t()
 
     def block_step_loss(self, l: int, h_in: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        layer = self.net.layers[l]
         if l not in self.active_layers:
-            with torch.no_grad():  # a frozen block only supplies the input of the blocks above it
-                return layer(h_in), None
-        h = layer(h_in.detach())
+            # A frozen block only supplies the input of the blocks above it (in eval mode: its
+            # batch-norm statistics stay those it trained with).
+            return self.net.block_forward(l, h_in, frozen=True), None
+        h = self.net.block_forward(l, h_in, detach_input=True)
         scores = h if l == len(self.net.blocks) else self.auxiliary_scores(l, h)  # the head's output is its scores
         return h.detach(), classification_loss(self.config.loss, scores, y)
 

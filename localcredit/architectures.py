@@ -1,0 +1,399 @@
+"""Architectures: builders of blocks, and the network options (``NetSpec``) they read.
+
+``--arch`` picks a builder; every builder returns a :class:`~localcredit.nets.BlockNet`:
+
+* ``mlp``: dense blocks (Linear [BN] activation [dropout]) of ``--hidden`` sizes (default 1000).
+* ``conv``: the small conv net of the first version: ``--channels 32,M,64,M`` without batch norm.
+* ``lenet``: conv5x5 32 - pool - 64 - pool - 128 - global average pool - fc 256 (BioTorch's LeNet
+  shape, with 'same' padding so that any image of at least 4x4 fits).
+* ``vgg``: a layer string in local-loss's notation (``--channels 128,256,M,256,512,M,512,M,512,M``,
+  vgg8b, the default): every number a conv3x3-BN-activation block, ``M`` a 2x2 max-pool closing
+  the block before it; then ``--hidden`` dense blocks (default 1024).
+* ``resnet``: the CIFAR ResNet of He et al. 2016, ``--depth`` 6k+2 (default 20): a conv3x3-16
+  stem, three stages of k residual units (16, 32, 64 channels; stride 2 into stages 2 and 3,
+  1x1 conv + BN projection shortcuts), global average pooling, the head. Each unit is a block.
+
+``--width`` multiplies every channel count; ``--norm batch|none`` and ``--dropout`` apply to every
+hidden block of the architectures that take them. An option an architecture does not read is
+refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from .errors import UserError
+from .layers import register_layer
+from .nets import BlockNet
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+    "gelu": nn.GELU,
+}
+
+NORMS = ("batch", "none")
+VGG8B = "128,256,M,256,512,M,512,M,512,M"
+DEFAULT_DEPTH = 20
+
+
+def parse_hidden(text: str) -> list[int]:
+    """``"1000,500"`` -> [1000, 500]; ``""`` or ``"none"`` -> no hidden blocks."""
+    text = text.strip()
+    if text in ("", "none"):
+        return []
+    if not re.fullmatch(r"\d+(\s*,\s*\d+)*", text):
+        raise UserError(f"--hidden expects comma-separated positive integers like 1000,1000, got {text!r}")
+    sizes = [int(part) for part in text.split(",")]
+    if any(size < 1 for size in sizes):
+        raise UserError(f"--hidden sizes must be positive, got {text!r}")
+    return sizes
+
+
+def _option(default: Any, help: str, parse: Callable[[str], Any] = str, metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "parse": parse, "metavar": metavar})
+
+
+@dataclass(kw_only=True)
+class NetSpec:
+    """The network of a run: the architecture and its options (None: the architecture's default).
+
+    This is the one definition of the network options: the CLI's flags (:func:`add_arguments`),
+    the bench's command lines (:func:`to_argv`) and result.json's fields all come from it.
+    """
+
+    arch: str | None = _option(None, "mlp | conv | lenet | vgg | resnet | invertible "
+                                     "(default: the rule's network, mlp for most)")
+    hidden: list[int] | None = _option(None, "dense hidden sizes, e.g. 1000,1000; 'none' for no dense block "
+                                             "(default: 1000 for mlp, 1024 for vgg, 256 for lenet, none for conv/resnet)",
+                                       parse=parse_hidden, metavar="N,N,...")
+    activation: str | None = _option(None, "relu | tanh | sigmoid | leaky_relu | gelu "
+                                           "(default: the architecture's, relu; leaky ReLU for invertible)")
+    channels: str | None = _option(None, f"conv layer string for vgg/conv: channel counts and M (2x2 max-pool), "
+                                         f"e.g. 32,M,64,M (default: vgg8b {VGG8B} for vgg, 32,M,64,M for conv)",
+                                   metavar="C,M,...")
+    width: float = _option(1.0, "multiplies every channel count (lenet, vgg, conv, resnet)", parse=float)
+    depth: int | None = _option(None, f"resnet depth 6k+2: 8, 14, 20, 32, 56, 110 (default {DEFAULT_DEPTH})",
+                                parse=int)
+    norm: str | None = _option(None, "batch | none: batch norm after every conv/dense layer "
+                                     "(default: batch for vgg and resnet, none for mlp, conv and lenet)")
+    dropout: float = _option(0.0, "dropout probability after every hidden block (mlp, conv, lenet, vgg)", parse=float)
+
+    def net_spec(self) -> "NetSpec":
+        """Only the network options (a RunSpec is a NetSpec with more fields)."""
+        return NetSpec(**{f.name: getattr(self, f.name) for f in fields(NetSpec)})
+
+
+NET_FIELDS = tuple(f.name for f in fields(NetSpec))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per NetSpec field, with its help text and parser."""
+    for f in fields(NetSpec):
+        parse = f.metadata["parse"]
+        parser.add_argument(f"--{f.name}", default=f.default, type=_argparse_type(f.name, parse),
+                            metavar=f.metadata["metavar"], help=f.metadata["help"])
+
+
+def _argparse_type(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--{name} ")) from None
+
+    convert.__name__ = getattr(parse, "__name__", name)  # argparse names the type in its error message
+    return convert
+
+
+def from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in NET_FIELDS}
+
+
+def to_argv(spec: NetSpec) -> list[str]:
+    """The CLI flags that rebuild ``spec`` (defaults left out)."""
+    argv = []
+    for f in fields(NetSpec):
+        value = getattr(spec, f.name)
+        if value == f.default:
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        argv += [f"--{f.name}", text if text else "none"]
+    return argv
+
+
+# ----- the registry ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Architecture:
+    build: Callable[[NetSpec, tuple[int, ...], int], BlockNet]
+    options: frozenset[str]  # the NetSpec fields it reads
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(name: str, build: Callable[[NetSpec, tuple[int, ...], int], BlockNet],
+                          options: Sequence[str] = ("hidden", "activation")) -> None:
+    """Make ``--arch name`` build networks with ``build(spec, input_shape, num_classes)``."""
+    if name in ARCHITECTURES and ARCHITECTURES[name].build is not build:
+        raise ValueError(f"architecture {name!r} registered twice")
+    unknown = set(options) - set(NET_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown network options {sorted(unknown)}")
+    ARCHITECTURES[name] = Architecture(build, frozenset(options))
+
+
+def build(spec: NetSpec, input_shape: Sequence[int], num_classes: int) -> BlockNet:
+    """Build ``spec.arch`` for this data; an option the architecture does not read is an error."""
+    if spec.arch not in ARCHITECTURES:
+        raise UserError(f"unknown --arch {spec.arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    architecture = ARCHITECTURES[spec.arch]
+    for f in fields(NetSpec):
+        if f.name != "arch" and f.name not in architecture.options and getattr(spec, f.name) != f.default:
+            takes = ", ".join(f"--{o}" for o in sorted(architecture.options)) or "no options"
+            raise UserError(f"--{f.name} does not apply to --arch {spec.arch} (it takes {takes})")
+    _check_common(spec)
+    return architecture.build(spec, tuple(input_shape), num_classes)
+
+
+def _check_common(spec: NetSpec) -> None:
+    if spec.activation is not None and spec.activation not in ACTIVATIONS and spec.arch != "invertible":
+        raise UserError(f"unknown activation {spec.activation!r}; choose from {', '.join(ACTIVATIONS)}")
+    if not spec.width > 0:
+        raise UserError(f"--width must be positive, got {spec.width}")
+    if not 0 <= spec.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {spec.dropout}")
+    if spec.norm is not None and spec.norm not in NORMS:
+        raise UserError(f"unknown --norm {spec.norm!r}; choose batch or none")
+
+
+# ----- building blocks ---------------------------------------------------------------------------
+def make_activation(name: str | None) -> nn.Module:
+    name = name or "relu"
+    if name not in ACTIVATIONS:
+        raise UserError(f"unknown activation {name!r}; choose from {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+def _image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise UserError(f"--arch {arch} needs image data (C, H, W); this data set has per-sample shape "
+                        f"{tuple(input_shape)}")
+    return input_shape  # type: ignore[return-value]
+
+
+def dense_block(n_in: int, n_out: int, spec: NetSpec, norm: str, flatten: bool) -> nn.Sequential:
+    """[Flatten] Linear [BatchNorm1d] activation [Dropout]."""
+    layers: list[nn.Module] = [nn.Flatten()] if flatten else []
+    layers.append(nn.Linear(n_in, n_out, bias=norm == "none"))
+    if norm == "batch":
+        layers.append(nn.BatchNorm1d(n_out))
+    layers.append(make_activation(spec.activation))
+    if spec.dropout:
+        layers.append(nn.Dropout(spec.dropout))
+    return nn.Sequential(*layers)
+
+
+def conv_block(c_in: int, c_out: int, spec: NetSpec, norm: str, kernel_size: int = 3,
+               pool: nn.Module | None = None) -> nn.Sequential:
+    """Conv ('same' padding) [BatchNorm2d] activation [pool] [Dropout]."""
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=norm == "none")]
+    if norm == "batch":
+        layers.append(nn.BatchNorm2d(c_out))
+    layers.append(make_activation(spec.activation))
+    if pool is not None:
+        layers.append(pool)
+    if spec.dropout:
+        layers.append(nn.Dropout(spec.dropout))
+    return nn.Sequential(*layers)
+
+
+def dense_stack(features: int, hidden: Sequence[int], num_classes: int, spec: NetSpec, norm: str,
+                flatten: bool, stem: Sequence[nn.Module] = ()) -> tuple[list[nn.Module], nn.Module]:
+    """Dense hidden blocks on ``features`` inputs, then the head; ``stem`` (e.g. a global pool) and a
+    flatten go in front of the first of them."""
+    blocks: list[nn.Module] = []
+    for i, n_out in enumerate(hidden):
+        block = dense_block(features, n_out, spec, norm, flatten=flatten and i == 0)
+        blocks.append(nn.Sequential(*stem, *block) if i == 0 and stem else block)
+        features = n_out
+    head_layers = [*(stem if not hidden else ()), *([nn.Flatten()] if flatten and not hidden else []),
+                   nn.Linear(features, num_classes)]
+    head = head_layers[0] if len(head_layers) == 1 else nn.Sequential(*head_layers)
+    return blocks, head
+
+
+def _hidden(spec: NetSpec, default: Sequence[int]) -> list[int]:
+    return list(default) if spec.hidden is None else list(spec.hidden)
+
+
+def _description(spec: NetSpec, **resolved: Any) -> dict[str, Any]:
+    return {"activation": spec.activation or "relu", "width": spec.width, "dropout": spec.dropout, **resolved}
+
+
+# ----- mlp ---------------------------------------------------------------------------------------
+def mlp(spec: NetSpec, input_shape: tuple[int, ...], num_classes: int) -> BlockNet:
+    """Input (flattened) -> hidden[0] -> ... -> num_classes (default hidden: 1000)."""
+    hidden = _hidden(spec, [1000])
+    norm = spec.norm or "none"
+    blocks, head = dense_stack(math.prod(input_shape), hidden, num_classes, spec, norm, flatten=True)
+    return BlockNet(blocks, head, input_shape, num_classes, arch="mlp", hidden=hidden,
+                    description=_description(spec, norm=norm))
+
+
+# ----- vgg and the small conv net ----------------------------------------------------------------
+def parse_layer_string(text: str) -> list[int | str]:
+    """``"128,256,M,256"`` -> [128, 256, "M", 256]."""
+    tokens = [t.strip() for t in text.split(",")]
+    layout: list[int | str] = []
+    for token in tokens:
+        if token.upper() == "M":
+            layout.append("M")
+        elif token.isdigit() and int(token) > 0:
+            layout.append(int(token))
+        else:
+            raise UserError(f"--channels expects positive channel counts and M (2x2 max-pool), e.g. 32,M,64,M; "
+                            f"got {text!r}")
+    if not layout or layout[0] == "M":
+        raise UserError(f"--channels must start with a channel count, got {text!r}")
+    return layout
+
+
+def conv_stack(arch: str, layout: Sequence[int | str], spec: NetSpec, norm: str,
+               input_shape: tuple[int, ...]) -> tuple[list[nn.Module], int]:
+    """One conv3x3 block per channel count; each M adds a 2x2 max-pool to the block before it.
+
+    Returns the blocks and the number of features they output (flattened).
+    """
+    c_in, height, width = _image_shape(arch, input_shape)
+    plan: list[tuple[int, int]] = []  # (channels, pools after it)
+    for token in layout:
+        if token == "M":
+            plan[-1] = (plan[-1][0], plan[-1][1] + 1)
+        else:
+            plan.append((_scaled(token, spec.width), 0))
+    pools = sum(p for _, p in plan)
+    if min(height, width) < 2 ** pools:
+        raise UserError(f"images of {height}x{width} are too small for --channels {','.join(map(str, layout))}: "
+                        f"its {pools} max-pools need at least {2 ** pools}x{2 ** pools}")
+    blocks = []
+    for c_out, n_pools in plan:
+        pool = None
+        if n_pools:
+            pool = nn.MaxPool2d(2) if n_pools == 1 else nn.Sequential(*(nn.MaxPool2d(2) for _ in range(n_pools)))
+        blocks.append(conv_block(c_in, c_out, spec, norm, pool=pool))
+        c_in = c_out
+        for _ in range(n_pools):
+            height, width = height // 2, width // 2
+    return blocks, c_in * height * width
+
+
+def vgg(spec: NetSpec, input_shape: tuple[int, ...], num_classes: int, arch: str = "vgg",
+        default_channels: str = VGG8B, default_hidden: Sequence[int] = (1024,), default_norm: str = "batch") -> BlockNet:
+    """local-loss's VGG notation: conv3x3 blocks with BN, M = 2x2 max-pool, then dense blocks."""
+    channels = spec.channels or default_channels
+    norm = spec.norm or default_norm
+    hidden = _hidden(spec, default_hidden)
+    blocks, features = conv_stack(arch, parse_layer_string(channels), spec, norm, input_shape)
+    dense, head = dense_stack(features, hidden, num_classes, spec, norm, flatten=True)
+    return BlockNet([*blocks, *dense], head, input_shape, num_classes, arch=arch, hidden=hidden,
+                    description=_description(spec, channels=channels, norm=norm))
+
+
+def convnet(spec: NetSpec, input_shape: tuple[int, ...], num_classes: int) -> BlockNet:
+    """The first version's small conv net: conv3x3 + activation + 2x2 max-pool per entry, no BN."""
+    return vgg(spec, input_shape, num_classes, arch="conv", default_channels="32,M,64,M", default_hidden=(),
+               default_norm="none")
+
+
+# ----- lenet -------------------------------------------------------------------------------------
+LENET_CHANNELS = (32, 64, 128)
+
+
+def lenet(spec: NetSpec, input_shape: tuple[int, ...], num_classes: int) -> BlockNet:
+    """conv5x5 32 - pool - 64 - pool - 128 - global average pool - fc 256 - head."""
+    c_in, height, width = _image_shape("lenet", input_shape)
+    if min(height, width) < 4:
+        raise UserError(f"images of {height}x{width} are too small for --arch lenet: its two 2x2 max-pools "
+                        f"need at least 4x4")
+    norm = spec.norm or "none"
+    c1, c2, c3 = (_scaled(c, spec.width) for c in LENET_CHANNELS)
+    blocks = [conv_block(c_in, c1, spec, norm, kernel_size=5, pool=nn.MaxPool2d(2)),
+              conv_block(c1, c2, spec, norm, kernel_size=5, pool=nn.MaxPool2d(2)),
+              conv_block(c2, c3, spec, norm, kernel_size=5, pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))]
+    hidden = _hidden(spec, [256])
+    dense, head = dense_stack(c3, hidden, num_classes, spec, norm, flatten=False)
+    return BlockNet([*blocks, *dense], head, input_shape, num_classes, arch="lenet", hidden=hidden,
+                    description=_description(spec, norm=norm))
+
+
+# ----- resnet ------------------------------------------------------------------------------------
+class ResidualUnit(nn.Module):
+    """act( conv3x3-BN-act-conv3x3-BN (x) + shortcut(x) ); the shortcut is a 1x1 conv + BN where the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str, activation: str | None):
+        super().__init__()
+        with_norm = norm == "batch"
+
+        def normalised(c: int) -> list[nn.Module]:
+            return [nn.BatchNorm2d(c)] if with_norm else []
+
+        self.residual = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=not with_norm), *normalised(c_out),
+            make_activation(activation),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=not with_norm), *normalised(c_out))
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=not with_norm),
+                                          *normalised(c_out))
+        else:
+            self.shortcut = nn.Identity()
+        self.activation = make_activation(activation)
+
+    def forward(self, x):
+        return self.activation(self.residual(x) + self.shortcut(x))
+
+
+register_layer(ResidualUnit, "container")  # its forward composes its children and adds the two paths
+
+
+def resnet(spec: NetSpec, input_shape: tuple[int, ...], num_classes: int) -> BlockNet:
+    """CIFAR ResNet-(6k+2): stem, 3 stages of k residual units (16, 32, 64 channels x width), global pool, head."""
+    c_in, _, _ = _image_shape("resnet", input_shape)
+    depth = DEFAULT_DEPTH if spec.depth is None else spec.depth
+    if depth < 8 or (depth - 2) % 6:
+        raise UserError(f"--depth must be 6k+2 with k >= 1 (8, 14, 20, 32, 56, 110), got {depth}")
+    units = (depth - 2) // 6
+    norm = spec.norm or "batch"
+    stem_channels = _scaled(16, spec.width)
+    blocks: list[nn.Module] = [conv_block(c_in, stem_channels, spec, norm)]
+    c = stem_channels
+    for stage, channels in enumerate((16, 32, 64)):
+        c_out = _scaled(channels, spec.width)
+        for unit in range(units):
+            stride = 2 if stage > 0 and unit == 0 else 1
+            blocks.append(ResidualUnit(c, c_out, stride, norm, spec.activation))
+            c = c_out
+    hidden = _hidden(spec, [])
+    pool = (nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    dense, head = dense_stack(c, hidden, num_classes, spec, norm, flatten=False, stem=pool)
+    return BlockNet([*blocks, *dense], head, input_shape, num_classes, arch="resnet", hidden=hidden,
+                    description=_description(spec, depth=depth, norm=norm))
+
+
+register_architecture("mlp", mlp, options=("hidden", "activation", "norm", "dropout"))
+register_architecture("conv", convnet, options=("hidden", "activation", "channels", "width", "norm", "dropout"))
+register_architecture("lenet", lenet, options=("hidden", "activation", "width", "norm", "dropout"))
+register_architecture("vgg", vgg, options=("hidden", "activation", "channels", "width", "norm", "dropout"))
+register_architecture("resnet", resnet, options=("hidden", "activation", "width", "depth", "norm"))
