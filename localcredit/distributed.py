@@ -7,15 +7,18 @@ Two layouts, both behind the Trainer's :class:`~localcredit.train.Parallelism` s
   Between the rule's credit assignment and its optimisers (``Rule.gradient_hooks``) the
   gradients, and the step's logged figures, are averaged across processes, weighted by share,
   in a few flat all-reduces. Every process then applies the same update to the same weights, so
-  the run is the single-process run up to float rounding.
+  the run is the single-process run up to float rounding -- except that batch norm normalises
+  over each process's share of the batch (as DDP without SyncBatchNorm); its running statistics
+  are averaged across processes after every epoch.
 * :class:`BlockPipeline` (``--parallel blocks``, local rules only). Each process owns a contiguous
   group of layers (balanced by the FLOPs of their local steps; the head goes with the last group)
   and their optimisers. Process k receives micro-batch i's activations from k-1, trains its
   layers on it, sends its output on to k+1 and moves to micro-batch i+1 without waiting for the
   send. Nothing travels backwards: a local layer only ever needs its own input, computed by the
   layers below with their weights of that moment -- exactly what the sequential rule feeds it,
-  so the pipeline computes the sequential rule's updates. After each epoch every owner
-  broadcasts its layers (weights and optimiser state), and process 0 evaluates and checkpoints.
+  so the pipeline computes the sequential rule's updates (batch-norm statistics included: each
+  stage owns its blocks' statistics). After each epoch every owner broadcasts its layers
+  (weights, buffers and optimiser state), and process 0 evaluates and checkpoints.
 
 Processes come either from ``--procs K`` (:func:`spawn`: K processes started here, rendezvous
 through a TCPStore this process hosts on a free port) or from ``torchrun`` (RANK, WORLD_SIZE,
@@ -337,8 +340,26 @@ class DataParallel(Parallelism):
                 p.grad = grad
         stats.update(zip(keys, reduced_figures.tolist()))
 
+    def finish_epoch(self, trainer: Trainer) -> None:
+        average_statistics(trainer.rule)
+
     def describe(self) -> dict[str, Any]:
         return {"mode": "data", "procs": self.place.world, "backend": self.backend}
+
+
+def average_statistics(rule: Rule) -> None:
+    """Average the network's floating-point buffers (batch-norm running statistics) across processes.
+
+    Each process normalised over its share of every batch, as DDP does without SyncBatchNorm (which
+    torch runs on GPUs only), so each kept its own running estimates; after the average every
+    process evaluates, checkpoints and resumes the same network.
+    """
+    buffers = [b for b in rule.net.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    with torch.no_grad():
+        for buffer, mean in zip(buffers, all_reduce_flat(buffers, 1.0 / dist.get_world_size())):
+            buffer.copy_(mean)
 
 
 # ----- block pipeline --------------------------------------------------------------------------
@@ -566,18 +587,21 @@ class _EpochSums:
 
 
 def _layers_state(rule: Rule, layers: range) -> dict[str, Any]:
-    """The weights (with their auxiliary heads) and optimiser states of ``layers``, on the CPU."""
+    """The weights (with their auxiliary heads), buffers (batch-norm statistics) and optimiser states
+    of ``layers``, on the CPU."""
     groups = rule.parameter_groups()
     owned = {id(p) for l in layers for p in groups[l]}
     params = {name: p.detach().cpu() for name, p in rule.named_parameters() if id(p) in owned}
+    owned_buffers = {id(b) for l in layers for b in rule.net.layers[l].buffers()}
+    buffers = {name: b.cpu() for name, b in rule.named_buffers() if id(b) in owned_buffers}
     optimizers = {l: _to_cpu(rule.optimizers[l].state_dict()) for l in layers}
-    return {"params": params, "optimizers": optimizers}
+    return {"params": params, "buffers": buffers, "optimizers": optimizers}
 
 
 def _load_layers_state(rule: Rule, state: dict[str, Any]) -> None:
-    named = dict(rule.named_parameters())
+    named = {**dict(rule.named_parameters()), **dict(rule.named_buffers())}
     with torch.no_grad():
-        for name, value in state["params"].items():
+        for name, value in {**state["params"], **state["buffers"]}.items():
             named[name].copy_(value)
     for l, saved in state["optimizers"].items():
         rule.optimizers[l].load_state_dict(saved)

@@ -22,7 +22,7 @@ import torch
 
 from localcredit.cli import main
 from localcredit.data import load
-from localcredit.distributed import partition
+from localcredit.distributed import DataParallel, partition, plan, spawn
 from localcredit.experiment import RunSpec, build_rule
 from localcredit.train import CHECKPOINT, RESULT, Parallelism, TrainConfig, Trainer
 
@@ -58,11 +58,11 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def single_process_run(data_name: str, out: Path, rule: str, hidden: list[int], epochs: int, batch_size: int,
-                       limit: int | None = None, optimizer: str = "adam") -> dict:
+                       limit: int | None = None, optimizer: str = "adam", **network) -> dict:
     """The reference: the same run in this process, at one thread like each rank."""
     torch.set_num_threads(1)
     data = load(data_name)
-    spec = RunSpec(rule=rule, data=data_name, hidden=hidden, optimizer=optimizer)
+    spec = RunSpec(rule=rule, data=data_name, hidden=hidden, optimizer=optimizer, **network)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, limit_train=limit, progress=False)
     return Trainer(build_rule(spec, data), data, config, out_dir=out, run_info={"rule": rule}).fit()
 
@@ -115,6 +115,31 @@ def test_data_parallel_equals_one_process_after_one_step(npz, tmp_path):
     assert spawned.stdout.count("test_accuracy") == 1, "only rank 0 prints the summary"
 
 
+BN_NET = dict(arch="vgg", channels="4,M,8,M", hidden=[16])  # BatchNorm2d and BatchNorm1d in every block
+
+
+def _data_parallel_epoch(place, npz: str, out: Path) -> None:
+    """One rank of a 2-process data-parallel epoch of bp on a BN net; saves its batch-norm buffers."""
+    torch.set_num_threads(1)
+    data = load(npz)
+    rule = build_rule(RunSpec(rule="bp", data=npz, **BN_NET), data)
+    Trainer(rule, data, TrainConfig(epochs=1, batch_size=64, limit_train=640, progress=False),
+            parallel=DataParallel(place, "gloo")).fit()
+    torch.save(dict(rule.net.named_buffers()), out / f"buffers-{place.rank}.pt")
+
+
+def test_batch_norm_statistics_are_the_same_on_every_process_after_a_data_parallel_epoch(npz, tmp_path):
+    launch = plan(2, "data", "cpu", timeout_s=TIMEOUT_S)
+    assert spawn(launch, _data_parallel_epoch, npz, tmp_path) == 0
+    first, second = (torch.load(tmp_path / f"buffers-{r}.pt", weights_only=True) for r in (0, 1))
+    initial = dict(build_rule(RunSpec(rule="bp", data=npz, **BN_NET), load(npz)).net.named_buffers())
+    running = [name for name in first if "running" in name]
+    assert len(running) == 2 * 3  # mean and var of the two BatchNorm2d and the BatchNorm1d
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    assert all(not torch.equal(first[name], initial[name]) for name in running), "the statistics were trained"
+
+
 # ----- block pipeline --------------------------------------------------------------------------
 LOCAL_RULES = ["lfnn-l", "local-random"]
 
@@ -123,13 +148,22 @@ def test_block_pipeline_first_step_equals_the_sequential_rule(npz, tmp_path):
     options = lambda rule: ["--rule", rule, "--data", npz, "--hidden", "64,64", "--epochs", "1",  # noqa: E731
                             "--batch-size", "100", "--limit-train", "100", "--parallel", "blocks", "--procs", "2",
                             "--out", rule]
-    for proc in run_all(*(train_command(*options(rule)) for rule in LOCAL_RULES), cwd=tmp_path):
+    # Each stage owns its blocks' batch norm: two steps of local-learned on a BN conv net.
+    bn_options = ["--rule", "local-learned", "--data", npz, "--arch", "vgg", "--channels", "4,M,8,M", "--hidden", "16",
+                  "--epochs", "1", "--batch-size", "50", "--limit-train", "100", "--parallel", "blocks", "--procs", "2",
+                  "--out", "bn"]
+    for proc in run_all(*(train_command(*options(rule)) for rule in LOCAL_RULES), train_command(*bn_options),
+                        cwd=tmp_path):
         ok(proc)
     for rule in LOCAL_RULES:
         single_process_run(npz, tmp_path / f"single-{rule}", rule, [64, 64], epochs=1, batch_size=100, limit=100)
         assert_same_state(tmp_path / rule, tmp_path / f"single-{rule}", atol=1e-7)
         parallel = result(tmp_path / rule)["parallel"]
         assert parallel["mode"] == "blocks" and parallel["stages"] == [[0], [1, 2]]  # 784x64 | 64x64 + head
+    single_process_run(npz, tmp_path / "single-bn", "local-learned", [16], epochs=1, batch_size=50, limit=100,
+                       arch="vgg", channels="4,M,8,M")
+    assert_same_state(tmp_path / "bn", tmp_path / "single-bn", atol=1e-6)  # the state holds the BN statistics
+    assert any("running_mean" in key for key in checkpoint(tmp_path / "bn")["rule"]["rule"])
 
 
 def test_block_pipeline_learns_and_resumes_to_the_sequential_run(npz, tmp_path):
