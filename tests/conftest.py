@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+import localcredit as lc
 from localcredit.data import Dataset, load
 
 
@@ -29,3 +31,25 @@ def fashion_small(fashion) -> Dataset:
 def _two_threads():
     # Same thread count everywhere, so float reductions (and hence determinism tests) are stable.
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def fashion_deep(fashion) -> Dataset:
+    """3k training and 1k test images: what the deep-network learning tests train on."""
+    return subset(fashion, 3_000, 1_000)
+
+
+#: The deep networks every rule is tested on (the user's own is built by :func:`user_conv_net`).
+DEEP_NETWORKS = {
+    "vgg": dict(arch="vgg", channels="16,M,32,M", hidden=[64]),  # conv-BN-ReLU-pool blocks, Linear-BN1d-ReLU
+    "resnet": dict(arch="resnet", depth=8, width=0.5),  # a stem and 3 residual units (8, 16, 32 channels)
+}
+
+
+def user_conv_net() -> lc.BlockNet:
+    """A researcher's own conv net with batch norm, as one flat nn.Sequential grouped into blocks."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+    return lc.blocknet(model, input_shape=(1, 28, 28), num_classes=10, group=[4, 4, 2])

@@ -14,10 +14,11 @@ import math
 import pytest
 import torch
 
+import localcredit as lc
 from localcredit.experiment import RunSpec, build_rule
 from localcredit.train import TrainConfig, Trainer
 
-from .conftest import subset
+from .conftest import DEEP_NETWORKS, subset, user_conv_net
 
 
 class RuleContract:
@@ -31,6 +32,8 @@ class RuleContract:
     learn_options: list[str] | None = None  # defaults to ``options``
     lr: float | None = None
     supports_conv: bool = True
+    #: test accuracy floors after 2 epochs on 3k Fashion-MNIST images (``fashion_deep``), per deep network
+    deep_floors: dict[str, float] = {}
 
     def make(self, data, seed=0, arch=None, hidden=None, options=None, **network):
         spec = RunSpec(rule=self.rule, data=data.name, arch=arch, hidden=self.hidden if hidden is None else hidden,
@@ -74,6 +77,44 @@ class RuleContract:
         stats = rule.step(*self.batch(fashion_small, n=32))
         assert math.isfinite(stats["loss"])
         assert len(rule.update_directions(*self.batch(fashion_small, n=32))) == len(rule.net.layers)
+
+    def make_deep(self, data, network: str, seed: int = 0):
+        """The rule on a deep network of DEEP_NETWORKS, or ("user") on a user's own, from the Python API."""
+        if network == "user":
+            torch.manual_seed(seed)
+            return lc.make_rule(self.rule, user_conv_net(), lr=self.lr)
+        spec = RunSpec(rule=self.rule, data=data.name, options=self.options, seed=seed, lr=self.lr,
+                       **DEEP_NETWORKS[network])
+        return build_rule(spec, data)
+
+    @pytest.mark.parametrize("network", ["vgg", "resnet", "user"])
+    def test_deep_network_steps_deterministically(self, fashion_small, network):
+        if not self.supports_conv:
+            pytest.skip(f"{self.rule} does not train conv networks")
+
+        def two_steps(seed):
+            rule = self.make_deep(fashion_small, network, seed=seed)
+            before = [p.detach().clone() for p in rule.net.parameters()]
+            for i in range(2):
+                stats = rule.step(*self.batch(fashion_small, n=32, offset=32 * i))
+                assert math.isfinite(stats["loss"])
+            moved = [not torch.equal(b, p) for b, p in zip(before, rule.net.parameters())]
+            assert all(moved), "every network parameter should move"
+            return rule, torch.cat([t.detach().reshape(-1).double() for t in rule.net.state_dict().values()])
+
+        rule, state = two_steps(0)
+        assert torch.equal(state, two_steps(0)[1]), "same seed, same weights and statistics"
+        directions = rule.update_directions(*self.batch(fashion_small, n=32))
+        assert len(directions) == len(rule.net.layers)
+        assert all(torch.isfinite(d).all() and d.abs().sum() > 0 for d in directions)
+
+    @pytest.mark.parametrize("network", ["vgg", "resnet", "user"])
+    def test_learns_fashion_mnist_on_deep_networks(self, fashion_deep, network):
+        if not self.supports_conv:
+            pytest.skip(f"{self.rule} does not train conv networks")
+        rule = self.make_deep(fashion_deep, network)
+        result = Trainer(rule, fashion_deep, TrainConfig(epochs=2, batch_size=64, progress=False)).fit()
+        assert result["test_accuracy"] >= self.deep_floors[network], result["test_accuracy_per_epoch"]
 
     def test_learns_fashion_mnist(self, fashion_small):
         data = fashion_small

@@ -25,6 +25,7 @@ def relative_errors(rule, x, y):
 class TestNextLayerAttentionBP(RuleContract):
     rule = "nan-bp"
     accuracy_floor = 0.80
+    deep_floors = {"vgg": 0.80, "resnet": 0.55, "user": 0.76}  # measured 0.858 / 0.665 / 0.832 (= bp)
 
     @pytest.mark.parametrize("arch,hidden,activation", [
         ("mlp", [64, 32], "relu"), ("mlp", [64, 32], "tanh"), ("mlp", [64, 32], "sigmoid"),
@@ -73,6 +74,7 @@ class TestNextLayerAttentionBP(RuleContract):
 class TestNextLayerAttention(RuleContract):
     rule = "nan"
     accuracy_floor = 0.80
+    deep_floors = {"vgg": 0.76, "resnet": 0.5, "user": 0.76}  # measured 0.847 / 0.624 / 0.834
 
     def kernels(self, rule):
         return [(layer.weight.detach(), rule.attention_kernel(layer.weight.detach()))

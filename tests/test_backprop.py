@@ -13,6 +13,7 @@ from .rule_contract import RuleContract
 class TestBackprop(RuleContract):
     rule = "bp"
     accuracy_floor = 0.80
+    deep_floors = {"vgg": 0.80, "resnet": 0.55, "user": 0.76}  # measured 0.858 / 0.665 / 0.832
 
     @pytest.mark.parametrize("arch,activation", [("mlp", "relu"), ("mlp", "tanh"), ("conv", "relu")])
     def test_update_directions_equal_autograd(self, fashion_small, arch, activation):

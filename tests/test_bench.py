@@ -139,3 +139,16 @@ def test_bad_bench_options_exit_2_with_one_line_and_write_nothing(argv, message,
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_suite_on_a_conv_network_builds_every_rule_and_passes_its_options_on():
+    suite = replace(TINY, network=NetSpec(arch="vgg", channels="4,M", hidden=[16]))
+    chosen = entries(rules.available(), suite.arch)
+    assert Entry("fa", "vgg") in chosen and Entry("gaitprop", "invertible") in chosen
+    assert Entry("bp", "vgg") in chosen and Entry("bp", "invertible") in chosen
+    validate_suite(suite, chosen)
+    argv = train_arguments(Run("final", Entry("fa", "vgg"), "fashion-mnist", 0, 1e-3), suite, Path("out"), threads=1)
+    assert argv[argv.index("--arch") + 1] == "vgg" and argv[argv.index("--channels") + 1] == "4,M"
+    invertible = train_arguments(Run("final", Entry("gaitprop", "invertible"), "fashion-mnist", 0, 1e-4), suite,
+                                 Path("out"), threads=1)
+    assert "--channels" not in invertible and invertible[invertible.index("--hidden") + 1] == "16"

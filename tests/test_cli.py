@@ -164,3 +164,21 @@ def test_flush_denormal_flushes_while_training_and_restores_the_default(good_npz
                      "--out", str(tmp_path / str(len(flag))), "--quiet", *flag]) == 0
     assert seen[0] > 0 and seen[1] == 0.0
     assert (subnormal * 1.0).item() > 0  # torch's default is back after the run
+
+
+@pytest.mark.parametrize("network", [["--arch", "vgg", "--channels", "8,M,16,M", "--hidden", "16"],
+                                     ["--arch", "resnet", "--depth", "8", "--width", "0.5"],
+                                     ["--arch", "lenet", "--width", "0.25", "--norm", "batch"]],
+                         ids=["vgg", "resnet", "lenet"])
+@pytest.mark.parametrize("rule", ["fa", "local-learned", "nan"])
+def test_deep_networks_on_unseen_8x8_images(rule, network, tmp_path, capsys):
+    data = write_npz(tmp_path / "small.npz", shape=(8, 8, 1), classes=3)  # channels-last 8x8 images
+    out = tmp_path / "out"
+    assert main(["train", "--rule", rule, "--data", data, *network, "--epochs", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["arch"] == network[1] and result["status"] == "ok"
+    assert result["network"]["norm"] == "batch" and result[network[2].lstrip("-")] is not None
+    assert main(["align", "--rule", rule, "--data", data, *network, "--batch-size", "32"]) == 0
+    cosines = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cosine"]
+    assert len(cosines) == {"vgg": 4, "resnet": 5, "lenet": 5}[network[1]] and cosines[-1] > 0.9999

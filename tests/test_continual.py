@@ -95,10 +95,11 @@ def test_two_task_run_learns_and_is_deterministic(small, scenario):
     assert run() == matrix
 
 
-def test_cli_writes_matrix_metrics_and_heatmap(tmp_path):
+@pytest.mark.parametrize("network", [["--hidden", "64"], ["--arch", "vgg", "--channels", "8,M,8,M", "--hidden", "16"]])
+def test_cli_writes_matrix_metrics_and_heatmap(tmp_path, network):
     out = tmp_path / "out"
     assert main(["continual", "--rule", "dfa", "--data", "fashion-mnist", "--scenario", "split-task", "--tasks",
-                 "2", "--limit-train", "2000", "--hidden", "64", "--out", str(out), "--quiet"]) == 0
+                 "2", "--limit-train", "2000", *network, "--out", str(out), "--quiet"]) == 0
     result = json.loads((out / "result.json").read_text())
     assert len(result["accuracy_matrix"]) == 2 and result["forgetting"] is not None
     assert {"average_accuracy", "backward_transfer", "command"} <= set(result)

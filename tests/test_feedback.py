@@ -12,6 +12,7 @@ from .rule_contract import RuleContract
 class TestFeedbackAlignment(RuleContract):
     rule = "fa"
     accuracy_floor = 0.78
+    deep_floors = {"vgg": 0.72, "resnet": 0.2, "user": 0.74}  # measured 0.818 / 0.292 / 0.820
 
     @pytest.mark.parametrize("network", [
         dict(arch="mlp", hidden=[64, 32]),
@@ -44,6 +45,7 @@ class TestFeedbackAlignment(RuleContract):
 class TestDirectFeedbackAlignment(RuleContract):
     rule = "dfa"
     accuracy_floor = 0.78
+    deep_floors = {"vgg": 0.72, "resnet": 0.2, "user": 0.74}  # measured 0.807 / 0.261 / 0.811
 
     def test_equals_bp_for_one_hidden_layer_when_feedback_is_the_head(self, fashion_small):
         # With one hidden block, BP's error at h_1 is W_head^T e: DFA with B_1 = W_head is BP.

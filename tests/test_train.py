@@ -20,8 +20,8 @@ def tiny(fashion):
     return subset(fashion, 3_000, 1_000)
 
 
-def run(data, out, epochs, rule="fa", resume=False, lr=None, optimizer="adam"):
-    spec = RunSpec(rule=rule, data=data.name, hidden=[64], seed=3, lr=lr, optimizer=optimizer)
+def run(data, out, epochs, rule="fa", resume=False, lr=None, optimizer="adam", network=None):
+    spec = RunSpec(rule=rule, data=data.name, seed=3, lr=lr, optimizer=optimizer, **(network or {"hidden": [64]}))
     trainer = Trainer(build_rule(spec, data), data, TrainConfig(epochs=epochs, batch_size=100, seed=3,
                                                                  progress=False),
                       out_dir=out, run_info={"rule": rule, "data": data.name, "command": "test"})
@@ -41,14 +41,19 @@ def test_result_json_has_the_documented_fields(tiny, tmp_path):
     assert 0 <= result["test_accuracy"] <= 1 and result["parameters"] == 784 * 32 + 32 + 32 * 10 + 10
 
 
-def test_resume_reaches_the_same_final_state(tiny, tmp_path):
-    _, straight = run(tiny, tmp_path / "straight", epochs=3)
-    run(tiny, tmp_path / "killed", epochs=1)  # as if killed after epoch 1
-    resumed_trainer, resumed = run(tiny, tmp_path / "killed", epochs=3, resume=True)
+@pytest.mark.parametrize("rule,network", [
+    ("fa", None),
+    ("lfnn", dict(arch="vgg", channels="4,M,8,M", hidden=[16], dropout=0.1)),  # batch norm, dropout, worker heads
+])
+def test_resume_reaches_the_same_final_state(tiny, tmp_path, rule, network):
+    _, straight = run(tiny, tmp_path / "straight", epochs=3, rule=rule, network=network)
+    run(tiny, tmp_path / "killed", epochs=1, rule=rule, network=network)  # as if killed after epoch 1
+    resumed_trainer, resumed = run(tiny, tmp_path / "killed", epochs=3, resume=True, rule=rule, network=network)
     assert resumed["test_accuracy_per_epoch"] == straight["test_accuracy_per_epoch"]
     assert resumed["train_loss_per_epoch"] == straight["train_loss_per_epoch"]
     straight_state = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)["rule"]["rule"]
-    for key, value in resumed_trainer.rule.state_dict().items():
+    assert resumed["rule_statistics"] == straight["rule_statistics"]
+    for key, value in resumed_trainer.rule.state_dict().items():  # batch-norm statistics included
         assert torch.equal(value, straight_state[key]), key
 
 

@@ -1,0 +1,188 @@
+"""Networks: the architectures' shapes, your own model as a BlockNet, the network's forward, and batch norm
+statistics that change only in training forwards of blocks that train."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import localcredit as lc
+from localcredit import rules
+from localcredit.architectures import NetSpec, ResidualUnit, build, parse_layer_string, to_argv
+from localcredit.errors import UserError
+from localcredit.experiment import RunSpec, build_rule
+
+from .conftest import DEEP_NETWORKS, user_conv_net
+
+SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]
+
+
+def blocks_of(net):
+    return [type(block).__name__ for block in net.blocks]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("spec", [
+    NetSpec(arch="mlp"), NetSpec(arch="conv", channels="8,M,8,M"), NetSpec(arch="lenet", width=0.25),
+    NetSpec(arch="vgg", channels="8,16,M,16,M", width=0.5, hidden=[32]), NetSpec(arch="resnet", depth=8, width=0.5),
+    NetSpec(arch="vgg", channels="8,M,8,M", hidden=[16], norm="none", dropout=0.2, activation="tanh"),
+], ids=lambda s: " ".join(to_argv(s)))
+def test_every_architecture_takes_mnist_cifar_and_small_images(spec, shape):
+    torch.manual_seed(0)
+    net = build(spec, shape, num_classes=7)
+    assert net(torch.randn(5, *shape)).shape == (5, 7)
+    assert net.output_shapes[-1] == (7,) and len(net.output_shapes) == len(net.layers)
+
+
+def test_layouts():
+    torch.manual_seed(0)
+    vgg8b = build(NetSpec(arch="vgg"), (3, 32, 32), 10)
+    convs = [m.out_channels for m in vgg8b.modules() if isinstance(m, nn.Conv2d)]
+    assert convs == [128, 256, 256, 512, 512, 512] and vgg8b.hidden == [1024]  # 6 conv + 1 dense + output: 8
+    assert len(vgg8b.blocks) == 7 and vgg8b.output_shapes[5] == (512, 2, 2)  # 4 max-pools: 32 -> 2
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in vgg8b.modules()) == 6
+    assert any(isinstance(m, nn.BatchNorm1d) for m in vgg8b.blocks[6].modules())
+
+    resnet20 = build(NetSpec(arch="resnet"), (3, 32, 32), 10)
+    assert blocks_of(resnet20) == ["Sequential"] + ["ResidualUnit"] * 9  # stem + 3 stages x 3 units
+    assert resnet20.output_shapes[:-1][-1] == (64, 8, 8)
+    # He et al.'s ResNet-20 has 0.27M parameters; the two 1x1 projection shortcuts add 2.6k.
+    assert 0.269e6 < sum(p.numel() for p in resnet20.parameters()) < 0.275e6
+    assert len(build(NetSpec(arch="resnet", depth=110), (3, 32, 32), 10).blocks) == 1 + 54
+
+    lenet = build(NetSpec(arch="lenet"), (1, 28, 28), 10)
+    assert lenet.output_shapes == [(32, 14, 14), (64, 7, 7), (128,), (256,), (10,)]
+    assert build(NetSpec(arch="resnet", depth=8, width=2), (1, 28, 28), 10).output_shapes[-2] == (128, 7, 7)
+
+
+def test_layer_strings():
+    assert parse_layer_string("128,256,M,256") == [128, 256, "M", 256]
+    for bad in ("M,32", "32,,M", "32,x", "0,M", ""):
+        with pytest.raises(UserError, match="--channels"):
+            parse_layer_string(bad)
+
+
+@pytest.mark.parametrize("spec,shape,expect", [
+    (NetSpec(arch="vgg", channels="8,M,8,M,8,M,8,M"), (1, 8, 8), "too small"),
+    (NetSpec(arch="lenet"), (1, 3, 3), "too small"),
+    (NetSpec(arch="resnet", depth=8), (20,), "image data"),
+    (NetSpec(arch="vgg", depth=8), (1, 28, 28), "--depth does not apply to --arch vgg"),
+    (NetSpec(arch="mlp", channels="8"), (1, 28, 28), "--channels does not apply"),
+    (NetSpec(arch="resnet", depth=10), (1, 28, 28), r"6k\+2"),
+    (NetSpec(arch="resnet", norm="group"), (1, 28, 28), "--norm"),
+])
+def test_layouts_that_cannot_work_are_one_line_errors(spec, shape, expect):
+    with pytest.raises(UserError, match=expect) as refused:
+        build(spec, shape, 10)
+    assert "\n" not in str(refused.value)
+
+
+# ----- your own model ------------------------------------------------------------------------------
+def test_blocknet_uses_your_modules_and_groups_them():
+    torch.manual_seed(0)
+    net = user_conv_net()
+    assert [len(block) for block in net.blocks] == [4, 4] and isinstance(net.head, nn.Sequential)
+    assert net.output_shapes == [(16, 14, 14), (32, 7, 7), (10,)]
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    single = lc.blocknet(model, (4,), 3)
+    assert single.blocks[0] is model[0] and single.head is model[1]  # shared, not copied
+
+
+@pytest.mark.parametrize("model,kwargs,expect", [
+    (nn.Linear(4, 3), {}, "nn.Sequential"),
+    (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), {}, r"block 1 \(ReLU\) has no trainable parameters"),
+    (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), {"group": [2, 2]}, "add up to the model's 3"),
+    (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5)), {"group": [2, 1]}, r"must be \(3,\)"),
+    (nn.Sequential(nn.Linear(5, 3)), {}, "cannot take an input of per-sample shape"),
+])
+def test_blocknet_refuses_what_it_cannot_train(model, kwargs, expect):
+    with pytest.raises(UserError, match=expect) as refused:
+        lc.blocknet(model, (4,), 3, **kwargs)
+    assert "\n" not in str(refused.value)
+
+
+def test_make_rule_checks_its_options(fashion_small):
+    net = user_conv_net()
+    with pytest.raises(UserError, match="unknown option 'colour'"):
+        lc.make_rule("local-learned", net, colour="red")
+    with pytest.raises(UserError, match="loss='l1' is not one of"):
+        lc.make_rule("local-learned", net, loss="l1")
+    with pytest.raises(UserError, match="workers=2.5 is not a valid int"):
+        lc.make_rule("lfnn-l", net, workers=2.5)
+    with pytest.raises(UserError, match="unknown rule"):
+        lc.make_rule("sgd", net)
+    with pytest.raises(UserError, match="lr must be positive"):
+        lc.make_rule("bp", net, lr=0)
+    with pytest.raises(UserError, match="--arch invertible"):
+        lc.make_rule("gaitprop", net)
+    assert lc.make_rule("lfnn", net, workers=4, delta=0.5, global_weight=2).config.global_weight == 2.0
+
+
+# ----- the network's forward -----------------------------------------------------------------------
+def test_walk_yields_every_output_and_detaches_inputs_on_request(fashion_small):
+    torch.manual_seed(0)
+    net = build(NetSpec(**DEEP_NETWORKS["resnet"]), (1, 28, 28), 10).eval()
+    x = fashion_small.x_train[:8]
+    steps = list(net.walk(x, detach_inputs=True))
+    assert [l for l, _, _ in steps] == list(range(len(net.layers)))
+    torch.testing.assert_close(steps[-1][2], net(x))
+    assert all(h_in.grad_fn is None for _, h_in, _ in steps)
+    assert all(h.grad_fn is not None for _, _, h in net.walk(x))
+
+
+def batch_norm_state(net):
+    return {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.parametrize("network", ["vgg", "resnet"])
+def test_building_any_rule_leaves_batch_norm_statistics_bit_identical(fashion_small, network):
+    for name in rules.available():
+        if not rules.get(name).trains(DEEP_NETWORKS[network]["arch"]):
+            continue
+        torch.manual_seed(0)
+        net = build(NetSpec(**DEEP_NETWORKS[network]), (1, 28, 28), 10)
+        before = batch_norm_state(net)
+        assert before and all(v.sum() == 0 for k, v in before.items() if "mean" in k or "num_batches" in k)
+        rule = rules.get(name)(net)
+        assert_same(before, batch_norm_state(rule.net))
+
+
+def test_measuring_alignment_changes_no_statistic(fashion_small):
+    from localcredit.align import alignment
+
+    for name in ("bp", "fa", "nan", "local-learned", "lfnn"):
+        rule = build_rule(RunSpec(rule=name, data="fashion-mnist", **DEEP_NETWORKS["vgg"], dropout=0.3), fashion_small)
+        rule.step(fashion_small.x_train[:32], fashion_small.y_train[:32])
+        before, rng = batch_norm_state(rule.net), torch.get_rng_state()
+        cosines = alignment(rule, fashion_small.x_train[:64], fashion_small.y_train[:64])
+        assert_same(before, batch_norm_state(rule.net))
+        assert torch.equal(rng, torch.get_rng_state())
+        if name in ("bp",):  # the same dropout masks for both: exactly BP's gradient
+            assert min(cosines) > 0.99999, cosines
+
+
+def test_frozen_layerwise_blocks_keep_their_statistics(fashion_small):
+    rule = build_rule(RunSpec(rule="local-random", data="fashion-mnist", options=["schedule=layerwise"],
+                              **DEEP_NETWORKS["vgg"]), fashion_small)  # 3 hidden blocks + head over 3 epochs
+    rule.start_epoch(0, 3)
+    rule.step(fashion_small.x_train[:32], fashion_small.y_train[:32])
+    trained = batch_norm_state(rule.net.blocks[0])
+    assert trained["1.num_batches_tracked"] == 1
+    rule.start_epoch(1, 3)
+    for i in range(3):
+        rule.step(fashion_small.x_train[32 * i:32 * (i + 1)], fashion_small.y_train[32 * i:32 * (i + 1)])
+    assert_same(trained, batch_norm_state(rule.net.blocks[0]))  # frozen: ran in eval mode
+    assert batch_norm_state(rule.net.blocks[1])["1.num_batches_tracked"] == 3
+
+
+def test_residual_unit_is_a_block_with_both_paths():
+    unit = ResidualUnit(4, 8, stride=2, norm="batch", activation="relu")
+    assert isinstance(unit.shortcut, nn.Sequential)  # a projection where the shape changes
+    assert isinstance(ResidualUnit(8, 8, 1, "batch", None).shortcut, nn.Identity)
+    assert unit(torch.randn(2, 4, 9, 9)).shape == (2, 8, 5, 5)
+    assert math.prod(unit.residual[0].weight.shape) == 8 * 4 * 9
