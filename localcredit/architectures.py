@@ -194,16 +194,15 @@ def _image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int
     return input_shape  # type: ignore[return-value]
 
 
-def dense_block(n_in: int, n_out: int, spec: NetSpec, norm: str, flatten: bool) -> nn.Sequential:
-    """[Flatten] Linear [BatchNorm1d] activation [Dropout]."""
-    layers: list[nn.Module] = [nn.Flatten()] if flatten else []
-    layers.append(nn.Linear(n_in, n_out, bias=norm == "none"))
+def dense_layers(n_in: int, n_out: int, spec: NetSpec, norm: str) -> list[nn.Module]:
+    """Linear [BatchNorm1d] activation [Dropout]."""
+    layers: list[nn.Module] = [nn.Linear(n_in, n_out, bias=norm == "none")]
     if norm == "batch":
         layers.append(nn.BatchNorm1d(n_out))
     layers.append(make_activation(spec.activation))
     if spec.dropout:
         layers.append(nn.Dropout(spec.dropout))
-    return nn.Sequential(*layers)
+    return layers
 
 
 def conv_block(c_in: int, c_out: int, spec: NetSpec, norm: str, kernel_size: int = 3,
@@ -221,16 +220,14 @@ def conv_block(c_in: int, c_out: int, spec: NetSpec, norm: str, kernel_size: int
 
 
 def dense_stack(features: int, hidden: Sequence[int], num_classes: int, spec: NetSpec, norm: str,
-                flatten: bool, stem: Sequence[nn.Module] = ()) -> tuple[list[nn.Module], nn.Module]:
-    """Dense hidden blocks on ``features`` inputs, then the head; ``stem`` (e.g. a global pool) and a
-    flatten go in front of the first of them."""
+                front: Sequence[nn.Module] = ()) -> tuple[list[nn.Module], nn.Module]:
+    """Dense hidden blocks on ``features`` inputs, then the head; ``front`` (a flatten, a global pool)
+    opens the first of them."""
     blocks: list[nn.Module] = []
-    for i, n_out in enumerate(hidden):
-        block = dense_block(features, n_out, spec, norm, flatten=flatten and i == 0)
-        blocks.append(nn.Sequential(*stem, *block) if i == 0 and stem else block)
-        features = n_out
-    head_layers = [*(stem if not hidden else ()), *([nn.Flatten()] if flatten and not hidden else []),
-                   nn.Linear(features, num_classes)]
+    for n_out in hidden:
+        blocks.append(nn.Sequential(*front, *dense_layers(features, n_out, spec, norm)))
+        features, front = n_out, ()
+    head_layers = [*front, nn.Linear(features, num_classes)]
     head = head_layers[0] if len(head_layers) == 1 else nn.Sequential(*head_layers)
     return blocks, head
 
@@ -248,7 +245,7 @@ def mlp(spec: NetSpec, input_shape: tuple[int, ...], num_classes: int) -> BlockN
     """Input (flattened) -> hidden[0] -> ... -> num_classes (default hidden: 1000)."""
     hidden = _hidden(spec, [1000])
     norm = spec.norm or "none"
-    blocks, head = dense_stack(math.prod(input_shape), hidden, num_classes, spec, norm, flatten=True)
+    blocks, head = dense_stack(math.prod(input_shape), hidden, num_classes, spec, norm, front=[nn.Flatten()])
     return BlockNet(blocks, head, input_shape, num_classes, arch="mlp", hidden=hidden,
                     description=_description(spec, norm=norm))
 
@@ -307,7 +304,7 @@ def vgg(spec: NetSpec, input_shape: tuple[int, ...], num_classes: int, arch: str
     norm = spec.norm or default_norm
     hidden = _hidden(spec, default_hidden)
     blocks, features = conv_stack(arch, parse_layer_string(channels), spec, norm, input_shape)
-    dense, head = dense_stack(features, hidden, num_classes, spec, norm, flatten=True)
+    dense, head = dense_stack(features, hidden, num_classes, spec, norm, front=[nn.Flatten()])
     return BlockNet([*blocks, *dense], head, input_shape, num_classes, arch=arch, hidden=hidden,
                     description=_description(spec, channels=channels, norm=norm))
 
@@ -334,7 +331,7 @@ def lenet(spec: NetSpec, input_shape: tuple[int, ...], num_classes: int) -> Bloc
               conv_block(c1, c2, spec, norm, kernel_size=5, pool=nn.MaxPool2d(2)),
               conv_block(c2, c3, spec, norm, kernel_size=5, pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))]
     hidden = _hidden(spec, [256])
-    dense, head = dense_stack(c3, hidden, num_classes, spec, norm, flatten=False)
+    dense, head = dense_stack(c3, hidden, num_classes, spec, norm)
     return BlockNet([*blocks, *dense], head, input_shape, num_classes, arch="lenet", hidden=hidden,
                     description=_description(spec, norm=norm))
 
@@ -386,8 +383,7 @@ def resnet(spec: NetSpec, input_shape: tuple[int, ...], num_classes: int) -> Blo
             blocks.append(ResidualUnit(c, c_out, stride, norm, spec.activation))
             c = c_out
     hidden = _hidden(spec, [])
-    pool = (nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    dense, head = dense_stack(c, hidden, num_classes, spec, norm, flatten=False, stem=pool)
+    dense, head = dense_stack(c, hidden, num_classes, spec, norm, front=[nn.AdaptiveAvgPool2d(1), nn.Flatten()])
     return BlockNet([*blocks, *dense], head, input_shape, num_classes, arch="resnet", hidden=hidden,
                     description=_description(spec, depth=depth, norm=norm))
 

@@ -25,6 +25,7 @@ Lookup follows the class hierarchy, so a subclass of a registered type is covere
 from __future__ import annotations
 
 import functools
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal, Sequence
@@ -112,17 +113,18 @@ LINEAR = WeightOp(
 )
 
 
+def _pads_itself(module: nn.modules.conv._ConvNd) -> bool:
+    """Symmetric zero padding: the convolution op applies it (and its transposes account for it)."""
+    return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
 def _conv_padding(module: nn.modules.conv._ConvNd) -> tuple[int, ...] | int:
-    """The padding the op itself applies: the layer's own for symmetric zero padding, else none
-    (:func:`_pad_conv_input` has applied it)."""
-    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        return module.padding
-    return 0
+    return module.padding if _pads_itself(module) else 0
 
 
 def _pad_conv_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     """Apply the padding the op does not: 'same' (possibly asymmetric), or a mode other than zeros."""
-    if _conv_padding(module) != 0 or module.padding == "valid":
+    if _pads_itself(module) or module.padding == "valid":
         return x
     if module.padding == "same":
         pairs = []
@@ -159,7 +161,7 @@ def _conv_op(dims: int) -> WeightOp:
 
     def fan_in(module):
         # One input channel is reached by out_channels / groups output channels, each over the kernel's area.
-        return module.out_channels // module.groups * module.weight[0, 0].numel()
+        return module.out_channels // module.groups * math.prod(module.kernel_size)
 
     return WeightOp(forward, input_gradient, parameter_gradients, fan_in, prepare_input=_pad_conv_input)
 
