@@ -33,7 +33,6 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn import grad as nn_grad
 
 from .errors import UserError
 
@@ -44,14 +43,14 @@ Kind = Literal["weight", "local", "container"]
 class WeightOp:
     """How a layer with a weight computes y = op(x; W, b), and the parts of its backward pass.
 
-    ``input_gradient(module, x_shape, kernel, grad_out)`` is the transposed operation with ``kernel``
-    (of W's shape) in place of W: with kernel = W it is autograd's dL/dx. ``parameter_gradients``
+    ``input_gradient(module, x, kernel, grad_out)`` is the transposed operation with ``kernel`` (of W's
+    shape) in place of W: with kernel = W it is autograd's dL/dx. ``parameter_gradients``
     gives dL/dW and dL/db (None without a bias). ``feedback_fan_in`` is how many output units
     reach one input unit through the transposed operation (the fan-in of a feedback kernel).
     """
 
     forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-    input_gradient: Callable[[nn.Module, torch.Size, torch.Tensor, torch.Tensor], torch.Tensor]
+    input_gradient: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     parameter_gradients: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
     feedback_fan_in: Callable[[nn.Module], int]
     #: applied to the input before the op, with autograd's own (local) backward: e.g. a conv's padding
@@ -94,9 +93,9 @@ def weight_op(module: nn.Module) -> WeightOp | None:
 
 
 # ----- weight layers ---------------------------------------------------------------------------
-def _linear_input_gradient(module: nn.Linear, x_shape: torch.Size, kernel: torch.Tensor,
+def _linear_input_gradient(module: nn.Linear, x: torch.Tensor, kernel: torch.Tensor,
                            grad_out: torch.Tensor) -> torch.Tensor:
-    return (grad_out @ kernel).view(x_shape)
+    return (grad_out @ kernel).view(x.shape)
 
 
 def _linear_parameter_gradients(module: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor):
@@ -140,24 +139,29 @@ def _pad_conv_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.T
 
 
 def _conv_op(dims: int) -> WeightOp:
-    """Convolution in ``dims`` dimensions, any stride, padding, dilation and groups, bias or not."""
+    """Convolution in ``dims`` dimensions, any stride, padding, dilation and groups, bias or not.
+
+    Its backward parts are the pieces of aten's ``convolution_backward`` that autograd's own conv
+    backward computes, on the same tensors: with the kernel equal to W they are bit-identical to it.
+    """
     convolution = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-    input_grad = (nn_grad.conv1d_input, nn_grad.conv2d_input, nn_grad.conv3d_input)[dims - 1]
-    weight_grad = (nn_grad.conv1d_weight, nn_grad.conv2d_weight, nn_grad.conv3d_weight)[dims - 1]
-    reduce_dims = (0, *range(2, dims + 2))
 
     def forward(module, x, weight):
         return convolution(x, weight, module.bias, module.stride, _conv_padding(module), module.dilation,
                            module.groups)
 
-    def input_gradient(module, x_shape, kernel, grad_out):
-        return input_grad(x_shape, kernel, grad_out, module.stride, _conv_padding(module), module.dilation,
-                          module.groups)
+    def backward(module, x, weight, grad_out, mask):
+        padding = _conv_padding(module) or (0,) * dims
+        bias_sizes = [module.out_channels] if module.bias is not None else None
+        return torch.ops.aten.convolution_backward(grad_out, x, weight, bias_sizes, module.stride, padding,
+                                                   module.dilation, False, (0,) * dims, module.groups, mask)
+
+    def input_gradient(module, x, kernel, grad_out):
+        return backward(module, x, kernel, grad_out, (True, False, False))[0]
 
     def parameter_gradients(module, x, grad_out):
-        grad_weight = weight_grad(x, module.weight.shape, grad_out, module.stride, _conv_padding(module),
-                                  module.dilation, module.groups)
-        return grad_weight, grad_out.sum(reduce_dims) if module.bias is not None else None
+        _, grad_weight, grad_bias = backward(module, x, module.weight, grad_out, (False, True, module.bias is not None))
+        return grad_weight, grad_bias
 
     def fan_in(module):
         # One input channel is reached by out_channels / groups output channels, each over the kernel's area.
@@ -183,8 +187,7 @@ class _SwappedInputGradient(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         op, module = ctx.op, ctx.module
-        grad_out = grad_out.contiguous()
-        grad_x = op.input_gradient(module, x.shape, ctx.kernel(), grad_out) if ctx.needs_input_grad[0] else None
+        grad_x = op.input_gradient(module, x, ctx.kernel(), grad_out) if ctx.needs_input_grad[0] else None
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad_weight, grad_bias = op.parameter_gradients(module, x, grad_out)

@@ -13,7 +13,7 @@ from localcredit.rules.attention import BudgetConfig, attention_support
 from localcredit.rules.base import parse_options
 from localcredit.train import TrainConfig, Trainer
 
-from .conftest import subset
+from .conftest import DEEP_NETWORKS, subset
 from .rule_contract import RuleContract
 
 
@@ -50,6 +50,19 @@ class TestNextLayerAttentionBP(RuleContract):
         errors = relative_errors(rule, x.double(), y)
         assert len(errors) == len(rule.net.layers)
         assert max(errors) < 1e-5, errors
+
+    @pytest.mark.parametrize("network", [DEEP_NETWORKS["vgg"], dict(arch="lenet", width=0.25, hidden=[32])])
+    def test_trains_exactly_as_bp_with_the_same_seed(self, fashion_small, network):
+        # Every registered layer computes BP's numbers bit for bit (the same kernels as autograd's),
+        # so a run of nan-bp is a run of bp, not just close to one.
+        def trained(name):
+            rule = build_rule(RunSpec(rule=name, data=fashion_small.name, **network), fashion_small)
+            for i in range(4):
+                rule.step(*self.batch(fashion_small, n=32, offset=32 * i))
+            return rule.net.state_dict()
+
+        bp, nan_bp = trained("bp"), trained(self.rule)
+        assert all(torch.equal(bp[key], nan_bp[key]) for key in bp)
 
     def test_theorem_holds_in_float32_after_training(self, fashion_small):
         rule = self.make(fashion_small)
@@ -112,7 +125,7 @@ class TestNextLayerAttention(RuleContract):
         torch.testing.assert_close(alpha.abs().sum(2), 3 * need.abs() * weight_l1)
         assert ((alpha != 0).sum(2)[need != 0] == 5).all()
         # What the head's registered math passes down with this kernel is exactly A_i = sum_j alpha_ji ...
-        torch.testing.assert_close(LINEAR.input_gradient(head, torch.Size((8, 16)), kernel, need), alpha.sum(1))
+        torch.testing.assert_close(LINEAR.input_gradient(head, torch.zeros(8, 16), kernel, need), alpha.sum(1))
         # ... and what the rule's step sends to the last hidden block is the same (with the gradient sign).
         hidden_out = rule.net.blocks[-1](rule.net.blocks[0](x)).detach().requires_grad_()
         with swapped_input_gradients(rule.net, rule.layer_kernel):
