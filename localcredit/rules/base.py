@@ -125,11 +125,7 @@ def parse_options(config_cls: type, assignments: Sequence[str]) -> Any:
             known = ", ".join(fields) or "none"
             raise UserError(f"unknown option {key!r} for this rule; its options are: {known}")
         values[key] = _convert(key, raw.strip(), hints[key])
-    config = config_cls(**values)
-    validate = getattr(config, "validate", None)
-    if validate is not None:
-        validate()
-    return config
+    return make_config(config_cls, values)
 
 
 def make_config(config_cls: type, values: dict[str, Any]) -> Any:
@@ -154,7 +150,7 @@ def _check_type(key: str, value: Any, kind: Any) -> None:
             raise UserError(f"option {key}={value!r} is not one of {', '.join(map(str, choices))}")
         return
     allowed = (int, float) if kind is float else (kind,)
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, allowed):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, allowed):
         raise UserError(f"option {key}={value!r} is not a valid {kind.__name__}")
 
 
