@@ -202,6 +202,11 @@ def run_rank(launch: Launch, fn: RankMain, *args: Any, rank: int | None = None, 
     try:
         place = join_group(launch, rank, store_port)
         fn(place, *args)
+        # Tear the group down together: a pipeline process that finished (and began to shut down)
+        # while process 0 was still evaluating was seen to abort in gloo at exit ("terminate called
+        # without an active exception", a few times in a hundred runs); the barrier is meant to keep
+        # any process from exiting while a peer still holds the group.
+        dist.barrier()
         dist.destroy_process_group()
         return 0
     except UserError as exc:
