@@ -131,10 +131,11 @@ def check_run(launch: Launch, rule: Rule, train_samples: int, batch_size: int) -
         if not rule.local:
             raise UserError(f"--parallel blocks needs a local rule, whose blocks learn from local signals only "
                             f"({', '.join(local_rules())}); {rule.name!r} is not local")
-        layers = len(rule.net.layers)
-        if launch.procs > layers:
-            raise UserError(f"--parallel blocks cannot split {layers} layers (hidden blocks + head) over "
-                            f"{launch.procs} processes; use --procs {layers} or fewer")
+        groups = len(rule.layer_groups())
+        if launch.procs > groups:
+            what = "layers (hidden blocks + head)" if groups == len(rule.net.layers) else "modules (groups of blocks + head)"
+            raise UserError(f"--parallel blocks cannot split {groups} {what} over {launch.procs} processes; "
+                            f"use --procs {groups} or fewer")
     elif launch.distributed:
         smallest = min(batch_size, train_samples % batch_size or batch_size, train_samples)
         if smallest < launch.procs:
@@ -410,6 +411,12 @@ def partition(costs: Sequence[float], parts: int) -> list[range]:
     return [range(a, b) for a, b in zip(starts, cuts)]
 
 
+def grouped_partition(costs: Sequence[float], groups: Sequence[range], parts: int) -> list[range]:
+    """:func:`partition` of the layers that never cuts a group (a module that learns as one)."""
+    stages = partition([sum(costs[l] for l in group) for group in groups], parts)
+    return [range(groups[stage[0]][0], groups[stage[-1]][-1] + 1) for stage in stages]
+
+
 class Inbox:
     """Activations from the previous stage, with receives posted ahead of use."""
 
@@ -479,7 +486,7 @@ class BlockPipeline(Parallelism):
         broadcast_state(rule)
         probe = slice(0, trainer.config.batch_size)
         self.costs, self.output_shapes = probe_layers(rule, trainer.x_train[probe], trainer.y_train[probe])
-        self.stages = partition(self.costs, self.place.world)
+        self.stages = grouped_partition(self.costs, rule.layer_groups(), self.place.world)
 
     # ----- one epoch ---------------------------------------------------------------------------
     def train_epoch(self, trainer: Trainer, epoch: int) -> None:

@@ -253,10 +253,17 @@ class Rule(nn.Module):
 
         Runs layer ``l`` on ``h_in`` (detached first, so nothing reaches the layers below) and
         returns its output, detached, for the layer above, and the local loss whose ``backward``
-        writes layer ``l``'s update into ``.grad`` (None when the layer does not train now). A
-        local rule's ``assign_credit`` is exactly these calls, layer after layer.
+        writes layer ``l``'s update into ``.grad`` (None when the layer does not train now). Inside
+        a group of :meth:`layer_groups` the input is not detached, the output keeps its graph, and
+        only the group's last layer returns a loss. A local rule's ``assign_credit`` is exactly
+        these calls, layer after layer.
         """
         raise NotImplementedError(f"rule {self.name!r} is not local: its layers do not learn from local signals only")
+
+    def layer_groups(self) -> list[range]:
+        """Consecutive layers that learn as one (a local rule's module): a block pipeline keeps each
+        group on one process. Default: every layer on its own."""
+        return [range(l, l + 1) for l in range(len(self.net.layers))]
 
     def layers_in_use(self) -> int:
         """How many layers, from the input up, a training step runs now (the layers above it idle)."""

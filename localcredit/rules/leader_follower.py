@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .base import Rule, option, register
-from .local_classifier import block_features, feature_size, per_block_groups
+from .base import option, register
+from .local_classifier import LocalLossRule, block_features, feature_size
 
 
 @dataclass
@@ -89,11 +89,10 @@ def leader_follower_loss(worker_logits: torch.Tensor, y: torch.Tensor, k: int,
 
 
 @register("lfnn-l")
-class LeaderFollowerLocal(Rule):
+class LeaderFollowerLocal(LocalLossRule):
     """LFNN-l (Yin et al. 2023): BP-free leader-follower worker losses per block; nothing crosses blocks."""
 
     Config = LeaderFollowerConfig
-    local = True
 
     def __init__(self, net, config=None, optim=None):
         super().__init__(net, config, optim)
@@ -113,37 +112,16 @@ class LeaderFollowerLocal(Rule):
         loss, leaders = leader_follower_loss(self.worker_logits(l, h), y, self.config.leaders,
                                              self.config.follower_weight)
         self.leader_counts[l] += leaders.sum(0)
-        return loss
-
-    def block_step_loss(self, l: int, h_in: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.net.block_forward(l, h_in, detach_input=True)
-        if l == len(self.net.blocks):
-            return h.detach(), F.cross_entropy(h, y)
         if l == 0:
             # Counted where every sample passes once, so a block pipeline counts on one process only.
             self.counted_samples += len(h)
-        return h.detach(), self.block_loss(l, h, y)
+        return loss
 
     def block_counters(self) -> list[torch.Tensor]:
         return [self.leader_counts]
 
-    def local_losses(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """(layer index, local loss) for every block then the head, each block fed a detached input."""
-        h = x
-        for l in range(len(self.net.layers)):
-            h, loss = self.block_step_loss(l, h, y)
-            yield l, loss
-
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        total = x.new_zeros(())
-        for _, loss in self.local_losses(x, y):
-            loss.backward()  # frees this block's graph before the next block runs
-            total += loss.detach()
-        head_loss = loss  # the last loss yielded is the head's
-        return {"loss": total.item(), "head_loss": head_loss.item()}
-
-    def parameter_groups(self) -> list[list[nn.Parameter]]:
-        return per_block_groups(self.net.layers, [list(h.parameters()) for h in self.worker_heads])
+    def auxiliary_parameters(self, l: int) -> list[nn.Parameter]:
+        return list(self.worker_heads[l].parameters())
 
     # ----- leadership statistics ------------------------------------------------------------
     def start_epoch(self, epoch: int, epochs: int) -> None:
@@ -222,5 +200,4 @@ class LeaderFollower(LeaderFollowerLocal):
         head_loss.backward(inputs=list(self.net.head.parameters()), retain_graph=True)
         (self.config.global_weight * head_loss).backward()
         total += (1 + self.config.global_weight) * head_loss.detach()
-        self.counted_samples += len(x)
         return {"loss": total.item(), "head_loss": head_loss.item()}

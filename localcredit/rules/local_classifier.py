@@ -7,8 +7,9 @@ only, with its input detached, so no error ever crosses a block boundary. The he
 block) is trained by the same kind of loss on the detached output of the last hidden block, and
 it alone makes the predictions.
 
-This module also holds the helpers the other local-error rules (``leader_follower.py``) share:
-turning a block's output into a vector and one optimiser group per block.
+This module also holds what every local-loss rule (``leader_follower.py``, ``predsim.py``,
+``dgl.py``) shares: :class:`LocalLossRule`, the step of a rule whose blocks learn from losses on
+their own outputs, turning a block's output into a vector, and one optimiser group per block.
 """
 
 from __future__ import annotations
@@ -89,65 +90,52 @@ def layerwise_active_layers(epoch: int, epochs: int, hidden_blocks: int) -> set[
     return active
 
 
-@dataclass
-class LocalClassifierConfig:
-    loss: Literal["ce", "mse", "hinge"] = option(
-        "ce", "local loss of every auxiliary classifier and of the head: cross-entropy, mean-squared, square hinge")
-    schedule: Literal["simultaneous", "layerwise"] = option(
-        "simultaneous", "simultaneous: every block every step; layerwise: block 1 for its share of the epochs, "
-                        "then frozen, then block 2, ...; the head trains with the last block")
-    init: Literal["uniform", "gaussian"] = option(
-        "uniform", "distribution of the auxiliary classifiers (scale 1/sqrt(features))")
+class LocalLossRule(Rule):
+    """A rule whose every block learns from a loss on its own output, its input detached.
 
-
-@register("local-random")
-class LocalRandomClassifiers(Rule):
-    """Local errors (Mostafa et al. 2018): each block learns from its own fixed random classifier; nothing crosses blocks.
-
-    The auxiliary classifiers are buffers: never trained, in no optimiser, and saved with the rule.
+    A subclass defines :meth:`block_loss` (and the auxiliary modules it trains with each block,
+    :meth:`auxiliary_parameters`); the head learns from its own loss (:meth:`head_loss`) on the
+    detached output of the last block, and alone makes the predictions. Layers may be grouped
+    (:meth:`Rule.layer_groups`): inside a group the output passes on with its graph, and the
+    group's last layer's loss trains the whole group.
     """
 
-    Config = LocalClassifierConfig
-    learned_classifiers = False
     local = True
 
-    def __init__(self, net, config=None, optim=None):
-        super().__init__(net, config, optim)
-        matrices = [random_classifier(net.num_classes, feature_size(shape), self.config.init)
-                    for shape in net.hidden_shapes()]
-        if self.learned_classifiers:
-            self.classifiers = nn.ModuleList(_linear_from(m) for m in matrices)
-        else:
-            for l, matrix in enumerate(matrices):
-                self.register_buffer(f"classifier_{l}", matrix)
-        self.active_layers = set(range(len(net.layers)))  # simultaneous, and whenever no epoch was started
-        self.schedule_log: list[list[int]] = []
+    def block_loss(self, l: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Hidden block ``l``'s local loss on its output ``h`` (None: inside a group, no loss of its own)."""
+        raise NotImplementedError
 
-    # ----- the local losses ---------------------------------------------------------------
-    def auxiliary_scores(self, l: int, h: torch.Tensor) -> torch.Tensor:
-        features = block_features(h)
-        if self.learned_classifiers:
-            return self.classifiers[l](features)
-        return features @ getattr(self, f"classifier_{l}").t()
+    def head_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y)
+
+    def auxiliary_parameters(self, l: int) -> list[nn.Parameter]:
+        """The auxiliary weights that train with hidden block ``l`` (in its optimiser group)."""
+        return []
+
+    def trains_layer(self, l: int) -> bool:
+        """Whether layer ``l`` learns in the current epoch (schedules that freeze layers override it)."""
+        return True
 
     def block_step_loss(self, l: int, h_in: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if l not in self.active_layers:
+        if not self.trains_layer(l):
             # A frozen block only supplies the input of the blocks above it (in eval mode: its
             # batch-norm statistics stay those it trained with).
             return self.net.block_forward(l, h_in, frozen=True), None
-        h = self.net.block_forward(l, h_in, detach_input=True)
-        scores = h if l == len(self.net.blocks) else self.auxiliary_scores(l, h)  # the head's output is its scores
-        return h.detach(), classification_loss(self.config.loss, scores, y)
+        group = self._group_of(l)
+        h = self.net.block_forward(l, h_in, detach_input=l == group[0])
+        loss = self.head_loss(h, y) if l == len(self.net.blocks) else self.block_loss(l, h, y)
+        return (h.detach() if l == group[-1] else h), loss
 
-    def layers_in_use(self) -> int:
-        return max(self.active_layers) + 1  # nothing above the last training layer needs its input
+    def _group_of(self, l: int) -> range:
+        return next(group for group in self.layer_groups() if l in group)
 
     def local_losses(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """(layer index, local loss) for each training layer, computed lazily block after block.
+        """(layer index, local loss) for each layer that has one, computed lazily block after block.
 
-        Every block's input is detached, so a loss reaches its own block's weights only. A caller
-        that calls ``backward`` on each loss as it comes frees that block's graph before the next
-        block runs.
+        Every group's input is detached, so a loss reaches its own group's weights only. A caller
+        that calls ``backward`` on each loss as it comes frees that group's graph before the next
+        one runs.
         """
         h = x
         for l in range(self.layers_in_use()):
@@ -168,10 +156,65 @@ class LocalRandomClassifiers(Rule):
             stats["head_loss"] = head_loss.item()
         return stats
 
-    # ----- optimisers and schedule --------------------------------------------------------
     def parameter_groups(self) -> list[list[nn.Parameter]]:
-        extras = [list(c.parameters()) for c in self.classifiers] if self.learned_classifiers else []
-        return per_block_groups(self.net.layers, extras)
+        return per_block_groups(self.net.layers, [self.auxiliary_parameters(l) for l in range(len(self.net.blocks))])
+
+
+@dataclass
+class LocalClassifierConfig:
+    loss: Literal["ce", "mse", "hinge"] = option(
+        "ce", "local loss of every auxiliary classifier and of the head: cross-entropy, mean-squared, square hinge")
+    schedule: Literal["simultaneous", "layerwise"] = option(
+        "simultaneous", "simultaneous: every block every step; layerwise: block 1 for its share of the epochs, "
+                        "then frozen, then block 2, ...; the head trains with the last block")
+    init: Literal["uniform", "gaussian"] = option(
+        "uniform", "distribution of the auxiliary classifiers (scale 1/sqrt(features))")
+
+
+@register("local-random")
+class LocalRandomClassifiers(LocalLossRule):
+    """Local errors (Mostafa et al. 2018): each block learns from its own fixed random classifier; nothing crosses blocks.
+
+    The auxiliary classifiers are buffers: never trained, in no optimiser, and saved with the rule.
+    """
+
+    Config = LocalClassifierConfig
+    learned_classifiers = False
+
+    def __init__(self, net, config=None, optim=None):
+        super().__init__(net, config, optim)
+        matrices = [random_classifier(net.num_classes, feature_size(shape), self.config.init)
+                    for shape in net.hidden_shapes()]
+        if self.learned_classifiers:
+            self.classifiers = nn.ModuleList(_linear_from(m) for m in matrices)
+        else:
+            for l, matrix in enumerate(matrices):
+                self.register_buffer(f"classifier_{l}", matrix)
+        self.active_layers = set(range(len(net.layers)))  # simultaneous, and whenever no epoch was started
+        self.schedule_log: list[list[int]] = []
+
+    # ----- the local losses ---------------------------------------------------------------
+    def auxiliary_scores(self, l: int, h: torch.Tensor) -> torch.Tensor:
+        features = block_features(h)
+        if self.learned_classifiers:
+            return self.classifiers[l](features)
+        return features @ getattr(self, f"classifier_{l}").t()
+
+    def block_loss(self, l: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return classification_loss(self.config.loss, self.auxiliary_scores(l, h), y)
+
+    def head_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return classification_loss(self.config.loss, logits, y)  # the head's output is its scores
+
+    def auxiliary_parameters(self, l: int) -> list[nn.Parameter]:
+        return list(self.classifiers[l].parameters()) if self.learned_classifiers else []
+
+    # ----- schedule -------------------------------------------------------------------------
+    def trains_layer(self, l: int) -> bool:
+        return l in self.active_layers
+
+    def layers_in_use(self) -> int:
+        return max(self.active_layers) + 1  # nothing above the last training layer needs its input
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         if self.config.schedule == "layerwise":
