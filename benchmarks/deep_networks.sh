@@ -7,7 +7,7 @@ set -u
 out=${1:-results/networks}
 bin=${LOCALCREDIT:-.venv/bin/localcredit}
 python=${PYTHON:-.venv/bin/python}
-rules="bp fa dfa local-random local-learned lfnn-l lfnn nan-bp nan"
+rules="bp fa dfa local-random local-learned lfnn-l lfnn nan-bp nan predsim dgl"
 mkdir -p "$out/runs" "$out/data"
 
 small=$out/data/fashion-8x8.npz   # not committed (*.npz is ignored): rebuilt from the Debian package
