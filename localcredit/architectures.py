@@ -20,17 +20,17 @@ refused rather than ignored.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar, Sequence
 
 from torch import nn
 
 from .errors import UserError
 from .layers import register_layer
 from .nets import BlockNet
+from .spec import check, one_of, option, positive
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -58,76 +58,39 @@ def parse_hidden(text: str) -> list[int]:
     return sizes
 
 
-def _option(default: Any, help: str, parse: Callable[[str], Any] = str, metavar: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "parse": parse, "metavar": metavar})
-
-
 @dataclass(kw_only=True)
 class NetSpec:
     """The network of a run: the architecture and its options (None: the architecture's default).
 
-    This is the one definition of the network options: the CLI's flags (:func:`add_arguments`),
-    the bench's command lines (:func:`to_argv`) and result.json's fields all come from it.
+    The one definition of the network options (``localcredit.spec``): the CLI's flags, config files,
+    the bench's command lines and result.json's fields all come from it.
     """
 
-    arch: str | None = _option(None, "mlp | conv | lenet | vgg | resnet | invertible "
-                                     "(default: the rule's network, mlp for most)")
-    hidden: list[int] | None = _option(None, "dense hidden sizes, e.g. 1000,1000; 'none' for no dense block "
-                                             "(default: 1000 for mlp, 1024 for vgg, 256 for lenet, none for conv/resnet)",
-                                       parse=parse_hidden, metavar="N,N,...")
-    activation: str | None = _option(None, "relu | tanh | sigmoid | leaky_relu | gelu "
-                                           "(default: the architecture's, relu; leaky ReLU for invertible)")
-    channels: str | None = _option(None, f"conv layer string for vgg/conv: channel counts and M (2x2 max-pool), "
-                                         f"e.g. 32,M,64,M (default: vgg8b {VGG8B} for vgg, 32,M,64,M for conv)",
-                                   metavar="C,M,...")
-    width: float = _option(1.0, "multiplies every channel count (lenet, vgg, conv, resnet)", parse=float)
-    depth: int | None = _option(None, f"resnet depth 6k+2: 8, 14, 20, 32, 56, 110 (default {DEFAULT_DEPTH})",
-                                parse=int)
-    norm: str | None = _option(None, "batch | none: batch norm after every conv/dense layer "
-                                     "(default: batch for vgg and resnet, none for mlp, conv and lenet)")
-    dropout: float = _option(0.0, "dropout probability after every hidden block (mlp, conv, lenet, vgg)", parse=float)
+    TITLE: ClassVar[str] = "network (docs/networks.md)"
+
+    arch: str | None = option(None, "mlp | conv | lenet | vgg | resnet | invertible "
+                                    "(default: the rule's network, mlp for most)")
+    hidden: list[int] | None = option(None, "dense hidden sizes, e.g. 1000,1000; 'none' for no dense block "
+                                            "(default: 1000 for mlp, 1024 for vgg, 256 for lenet, none for conv/resnet)",
+                                      parse=parse_hidden, metavar="N,N,...")
+    activation: str | None = option(None, "relu | tanh | sigmoid | leaky_relu | gelu "
+                                          "(default: the architecture's, relu; leaky ReLU for invertible)")
+    channels: str | None = option(None, f"conv layer string for vgg/conv: channel counts and M (2x2 max-pool), "
+                                        f"e.g. 32,M,64,M (default: vgg8b {VGG8B} for vgg, 32,M,64,M for conv)",
+                                  metavar="C,M,...")
+    width: float = option(1.0, "multiplies every channel count (lenet, vgg, conv, resnet)", parse=float,
+                          check=positive)
+    depth: int | None = option(None, f"resnet depth 6k+2: 8, 14, 20, 32, 56, 110 (default {DEFAULT_DEPTH})",
+                               parse=int)
+    norm: str | None = option(None, "batch | none: batch norm after every conv/dense layer "
+                                    "(default: batch for vgg and resnet, none for mlp, conv and lenet)",
+                              check=one_of(*NORMS))
+    dropout: float = option(0.0, "dropout probability after every hidden block (mlp, conv, lenet, vgg)",
+                            parse=float, check=lambda p: None if 0 <= p < 1 else f"must be in [0, 1), got {p}")
 
     def net_spec(self) -> "NetSpec":
         """Only the network options (a RunSpec is a NetSpec with more fields)."""
         return NetSpec(**{f.name: getattr(self, f.name) for f in fields(NetSpec)})
-
-
-NET_FIELDS = tuple(f.name for f in fields(NetSpec))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per NetSpec field, with its help text and parser."""
-    for f in fields(NetSpec):
-        parse = f.metadata["parse"]
-        parser.add_argument(f"--{f.name}", default=f.default, type=_argparse_type(f.name, parse),
-                            metavar=f.metadata["metavar"], help=f.metadata["help"])
-
-
-def _argparse_type(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except UserError as exc:
-            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--{name} ")) from None
-
-    convert.__name__ = getattr(parse, "__name__", name)  # argparse names the type in its error message
-    return convert
-
-
-def from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in NET_FIELDS}
-
-
-def to_argv(spec: NetSpec) -> list[str]:
-    """The CLI flags that rebuild ``spec`` (defaults left out)."""
-    argv = []
-    for f in fields(NetSpec):
-        value = getattr(spec, f.name)
-        if value == f.default:
-            continue
-        text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-        argv += [f"--{f.name}", text if text else "none"]
-    return argv
 
 
 # ----- the registry ------------------------------------------------------------------------------
@@ -145,7 +108,7 @@ def register_architecture(name: str, build: Callable[[NetSpec, tuple[int, ...], 
     """Make ``--arch name`` build networks with ``build(spec, input_shape, num_classes)``."""
     if name in ARCHITECTURES and ARCHITECTURES[name].build is not build:
         raise ValueError(f"architecture {name!r} registered twice")
-    unknown = set(options) - set(NET_FIELDS)
+    unknown = set(options) - {f.name for f in fields(NetSpec)}
     if unknown:
         raise ValueError(f"unknown network options {sorted(unknown)}")
     ARCHITECTURES[name] = Architecture(build, frozenset(options))
@@ -160,19 +123,10 @@ def build(spec: NetSpec, input_shape: Sequence[int], num_classes: int) -> BlockN
         if f.name != "arch" and f.name not in architecture.options and getattr(spec, f.name) != f.default:
             takes = ", ".join(f"--{o}" for o in sorted(architecture.options)) or "no options"
             raise UserError(f"--{f.name} does not apply to --arch {spec.arch} (it takes {takes})")
-    _check_common(spec)
-    return architecture.build(spec, tuple(input_shape), num_classes)
-
-
-def _check_common(spec: NetSpec) -> None:
+    check(spec.net_spec())
     if spec.activation is not None and spec.activation not in ACTIVATIONS and spec.arch != "invertible":
         raise UserError(f"unknown activation {spec.activation!r}; choose from {', '.join(ACTIVATIONS)}")
-    if not spec.width > 0:
-        raise UserError(f"--width must be positive, got {spec.width}")
-    if not 0 <= spec.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {spec.dropout}")
-    if spec.norm is not None and spec.norm not in NORMS:
-        raise UserError(f"unknown --norm {spec.norm!r}; choose batch or none")
+    return architecture.build(spec, tuple(input_shape), num_classes)
 
 
 # ----- building blocks ---------------------------------------------------------------------------

@@ -37,8 +37,9 @@ from tqdm import tqdm
 from . import rules
 from .data.sources import VALIDATION_PREFIX
 from .errors import UserError
-from .architectures import NetSpec, to_argv
+from .architectures import NetSpec
 from .experiment import RunSpec, build_rule
+from .spec import to_argv
 from .train import RESULT
 
 #: The rule every other is compared with (ratios, the extra reference runs on special networks).
@@ -144,19 +145,16 @@ def entry_network(entry: Entry, suite: Suite) -> NetSpec:
 
 
 def spec_of(run: Run, suite: Suite) -> RunSpec:
+    """The run as a RunSpec: what its ``localcredit train`` command line is written from."""
     return RunSpec(rule=run.entry.rule, data=run.train_data, **asdict(entry_network(run.entry, suite)),
-                   lr=run.lr, seed=run.seed)
+                   epochs=suite.tune_epochs if run.stage == "tune" else suite.epochs, batch_size=suite.batch_size,
+                   limit_train=suite.limit_train, lr=run.lr, seed=run.seed)
 
 
 def train_arguments(run: Run, suite: Suite, out: Path, threads: int) -> list[str]:
     """The ``localcredit train`` command line of one run."""
-    argv = ["train", "--rule", run.entry.rule, "--data", run.train_data, *to_argv(entry_network(run.entry, suite)),
-            "--epochs", str(suite.tune_epochs if run.stage == "tune" else suite.epochs),
-            "--batch-size", str(suite.batch_size), "--lr", repr(run.lr), "--seed", str(run.seed),
-            "--threads", str(threads), "--out", str(run.folder(out)), "--quiet"]
-    if suite.limit_train is not None:
-        argv += ["--limit-train", str(suite.limit_train)]
-    return argv
+    return ["train", *to_argv(spec_of(run, suite)), "--threads", str(threads), "--out", str(run.folder(out)),
+            "--quiet"]
 
 
 def final_runs(suite: Suite, chosen: Sequence[Entry], learning_rates: dict[tuple[Entry, str], float]) -> list[Run]:
@@ -326,8 +324,8 @@ def probe(entry: Entry, data: str, suite: Suite, out: Path) -> dict:
     path = probe_file(entry, out)
     if path.exists():
         return json.loads(path.read_text())
-    command = [sys.executable, "-m", "localcredit.probe", "--rule", entry.rule, "--data", data,
-               *to_argv(entry_network(entry, suite)), "--batch-size", str(suite.batch_size), "--threads", "1"]
+    spec = RunSpec(rule=entry.rule, data=data, **asdict(entry_network(entry, suite)), batch_size=suite.batch_size)
+    command = [sys.executable, "-m", "localcredit.probe", *to_argv(spec), "--threads", "1"]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"probing {entry.label} on {data} failed: {done.stderr.strip()[-300:]}")

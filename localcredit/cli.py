@@ -8,18 +8,18 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from . import architectures, distributed, rules
+from . import distributed, rules, spec as spec_options
 from .align import alignment
-from .data import describe_all, load
+from .data import describe_all
 from .errors import UserError
-from .experiment import RunSpec, default_out_dir, prepare, run_info
-from .train import Diverged, Parallelism, TrainConfig, Trainer, epoch_order
+from .experiment import RunSpec, default_out_dir, fit, prepare, read_config, resolve_device, run_info, spec_from
+from .train import Diverged, Parallelism, TrainSpec, epoch_order
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,22 +29,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rule", required=True, help="learning rule (see `localcredit rules`)")
-    parser.add_argument("--data", required=True, help="fashion-mnist | mnist | cifar10 | npz:PATH")
-    parser.add_argument("--data-root", help="folder holding the data set's files (default: $LOCALCREDIT_DATA/<name>)")
-    architectures.add_arguments(parser)
-    parser.add_argument("--optimizer", default="adam", help="adam | sgd (default adam)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the rule's; 1e-3 adam, 0.05 sgd for most)")
-    parser.add_argument("--seed", type=int, default=0)
+#: Options of the training recipe that `align` has no use for (it measures one batch at the initial weights).
+RECIPE_ONLY = tuple(f.name for f in fields(TrainSpec) if f.name != "seed")
+
+
+def _add_run_options(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """Every option of a run (``RunSpec``, derived by ``localcredit.spec``), ``--config`` and ``--threads``."""
+    parser.add_argument("--config", default=None, metavar="RUN.yaml",
+                        help="read the run's options from a YAML file (OUT/config.yaml of any run); "
+                             "options on the command line override it")
+    spec_options.add_arguments(parser, RunSpec, exclude=exclude)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                        help="rule option, repeatable (see `localcredit rules`)")
 
 
-def _spec(args: argparse.Namespace) -> RunSpec:
-    return RunSpec(rule=args.rule, data=args.data, data_root=args.data_root, **architectures.from_args(args),
-                   options=args.options, optimizer=args.optimizer, lr=args.lr, seed=args.seed)
+def _spec(args: argparse.Namespace, **defaults) -> RunSpec:
+    """The run the command line (over its --config file) describes; ``defaults`` fill what neither gave."""
+    given = spec_options.given(args, RunSpec)
+    for key, value in defaults.items():
+        if key not in given and (args.config is None or key not in read_config(args.config)):
+            given[key] = value
+    return spec_from(args.config, given)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -87,27 +91,20 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     return prepare_all(install_apt=not args.no_install)
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                         limit_train=args.limit_train, progress=not args.quiet)
-    config.validate()
-    return config
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    launch = distributed.plan(args.procs, args.parallel, _device(args.device), args.dist_timeout)
+    launch = distributed.plan(args.procs, args.parallel, resolve_device(args.device), args.dist_timeout)
     # One thread per process by default: K processes share the machine's cores.
     _set_threads(args.threads if args.threads is not None or not launch.distributed else 1)
-    spec, config = _spec(args), _train_config(args)
+    spec = _spec(args)
     data, rule = prepare(spec)
-    train_samples = min(config.limit_train or len(data.x_train), len(data.x_train))
-    distributed.check_run(launch, rule, train_samples, config.batch_size)
+    train_samples = min(spec.limit_train or len(data.y_train), len(data.y_train))
+    distributed.check_run(launch, rule, train_samples, spec.batch_size)
     if launch.spawns:  # every check passed: nothing a process could refuse is left
         del data, rule
         return distributed.spawn(launch, _train_rank, args, launch)
     if launch.torchrun and launch.distributed:
         return distributed.run_rank(launch, _train_rank, args, launch, (data, rule))
-    _train(args, spec, config, data, rule, Parallelism(), launch.device)
+    _train(args, spec, (data, rule), Parallelism(), launch.device)
     return 0
 
 
@@ -115,22 +112,19 @@ def _train_rank(place: distributed.Rank, args: argparse.Namespace, launch: distr
                 prepared: tuple | None = None) -> None:
     """One process of a multi-process run; it builds the same data, weights and fixed matrices."""
     torch.set_num_threads(args.threads or 1)
-    spec, config = _spec(args), _train_config(args)
-    data, rule = prepared if prepared is not None else prepare(spec)
-    _train(args, spec, config, data, rule, distributed.parallelism(launch, place), place.device)
+    spec = _spec(args)
+    _train(args, spec, prepared or prepare(spec), distributed.parallelism(launch, place), str(place.device))
 
 
-def _train(args: argparse.Namespace, spec: RunSpec, config: TrainConfig, data, rule, parallel: Parallelism,
-           device) -> None:
+def _train(args: argparse.Namespace, spec: RunSpec, prepared: tuple, parallel: Parallelism, device: str) -> None:
     out = args.out or default_out_dir(spec)
-    info = {**run_info(spec, rule), "command": "localcredit " + shlex.join(args.argv)}
-    trainer = Trainer(rule, data, config, out_dir=out, run_info=info, device=device, parallel=parallel)
     with _flushing_subnormals(args.flush_denormal):
-        result = trainer.fit(resume=args.resume)
+        result = fit(spec, out=out, resume=args.resume, device=device, progress=not args.quiet,
+                     command="localcredit " + shlex.join(args.argv), prepared=prepared, parallel=parallel)
     if not parallel.writer:
         return
     seconds = result["seconds_per_epoch"]
-    print(f"{spec.rule} on {spec.data}: test_accuracy {result['test_accuracy']:.4f} after {config.epochs} "
+    print(f"{spec.rule} on {spec.data}: test_accuracy {result['test_accuracy']:.4f} after {spec.epochs} "
           f"epochs ({sum(seconds) / len(seconds):.2f} s/epoch, {result['peak_memory_mb']:.0f} MB peak) "
           f"-> {out}/result.json", flush=True)
 
@@ -165,23 +159,20 @@ def cmd_align(args: argparse.Namespace) -> int:
 def cmd_continual(args: argparse.Namespace) -> int:
     from . import continual
     from .data.continual import SCENARIOS, make_stream
-    from .experiment import build_rule, validate
+    from .experiment import build_rule, load_data, train_config, validate
 
     _set_threads(args.threads)
     if args.scenario not in SCENARIOS:
         raise UserError(f"unknown --scenario {args.scenario!r}; choose from {', '.join(SCENARIOS)}")
-    spec = _spec(args)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                         limit_train=args.limit_train, progress=not args.quiet)
-    config.validate()
+    spec = _spec(args, epochs=1)  # epochs per task
     validate(spec)
-    data = load(spec.data, spec.data_root)
-    stream = make_stream(data, args.scenario, args.tasks, seed=args.seed)
+    data = load_data(spec)
+    stream = make_stream(data, args.scenario, args.tasks, seed=spec.seed)
     rule = build_rule(spec, data)
-    matrix = continual.run_stream(rule, stream, config)
+    matrix = continual.run_stream(rule, stream, train_config(spec, progress=not args.quiet))
     out = Path(args.out or f"runs/continual/{args.scenario}/{default_out_dir(spec).split('/', 1)[1]}")
     result = {**run_info(spec, rule), "scenario": args.scenario, "tasks": args.tasks,
-              "epochs_per_task": args.epochs, "batch_size": args.batch_size,
+              "epochs_per_task": spec.epochs,
               "task_classes": [task.classes for task in stream], **continual.summarise(matrix),
               "command": "localcredit " + shlex.join(args.argv)}
     continual.save(result, out, f"{spec.rule} on {args.scenario} {spec.data}")
@@ -208,16 +199,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA device")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"unknown --device {name!r}; use cpu, cuda or auto")
-    return name
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="localcredit", description="Train deep networks without end-to-end backprop, "
                                                       "and compare the rules honestly.")
@@ -237,12 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one rule on one data set, write result.json")
     _add_run_options(p)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training samples")
     p.add_argument("--out", default=None, help="output folder (default runs/<rule>-<data>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default auto: cuda when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--procs", type=int, default=None,
                    help="train with K processes (default 1; under torchrun: its process count); "
@@ -257,16 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("align", help="per-block cosine between a rule's update and the BP gradient (JSON)")
-    _add_run_options(p)
-    p.add_argument("--batch-size", type=int, default=256)
+    _add_run_options(p, exclude=RECIPE_ONLY)
+    p.add_argument("--batch-size", type=int, default=256, help="samples in the measured batch (default 256)")
     p.set_defaults(func=cmd_align)
-    p = sub.add_parser("continual", help="train tasks in sequence, evaluate all after each (forgetting)")
+    p = sub.add_parser("continual", help="train tasks in sequence, evaluate all after each (forgetting); "
+                                         "--epochs and --limit-train count per task (default 1 epoch)")
     _add_run_options(p)
     p.add_argument("--scenario", required=True, help="permuted | split-class | split-task")
     p.add_argument("--tasks", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=1, help="epochs per task (default 1)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training samples per task")
     p.add_argument("--out", default=None, help="output folder (default runs/continual/<scenario>/<rule>-<data>-seed<s>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_continual)

@@ -325,12 +325,13 @@ class DataParallel(Parallelism):
         if self.average not in trainer.rule.gradient_hooks:
             trainer.rule.gradient_hooks.append(self.average)
 
-    def step(self, trainer: Trainer, index: torch.Tensor) -> dict[str, float]:
-        # Contiguous shares of the global batch; uneven ones are weighted by their size below, so a
-        # mean loss over the global batch is reproduced exactly.
-        share = index.tensor_split(self.place.world)[self.place.rank]
-        self._share = len(share) / len(index)
-        return trainer.rule.step(trainer.x_train[share], trainer.y_train[share])
+    def step(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        # Contiguous shares of the global batch (augmented as a whole, so every process sees the
+        # single-process images); uneven shares are weighted by their size below, so a mean loss over
+        # the global batch is reproduced exactly.
+        x_share, y_share = x.tensor_split(self.place.world)[self.place.rank], y.tensor_split(self.place.world)[self.place.rank]
+        self._share = len(y_share) / len(y)
+        return trainer.rule.step(x_share, y_share)
 
     def average(self, rule: Rule, stats: dict[str, float]) -> None:
         """Gradient hook: the share-weighted mean of every process's update and logged figures."""
@@ -499,12 +500,11 @@ class BlockPipeline(Parallelism):
         outbox = Outbox(rank + 1, self.place) if rank + 1 < self.place.world and self.stages[rank + 1][0] < in_use else None
         sums = _EpochSums(self.place.device)
         start = time.perf_counter()
-        for step in trainer.progress_bar(epoch, len(batches)):
+        for step, (x, y) in zip(trainer.progress_bar(epoch, len(batches)), trainer.training_batches(epoch)):
             if not own:
                 break  # this stage idles while only the layers below it train
-            index = batches[step]
-            h = inbox.take() if inbox is not None else trainer.x_train[index]
-            self._micro_batch(rule, own, h, trainer.y_train[index], step, outbox, sums)
+            h = inbox.take() if inbox is not None else x
+            self._micro_batch(rule, own, h, y, step, outbox, sums)
         if outbox is not None:
             outbox.drain()
         totals, first_bad = sums.reduce(rule)

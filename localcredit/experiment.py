@@ -1,50 +1,72 @@
-"""What defines a run (rule, data, network, options) and how to build it: shared by every command."""
+"""What defines a run, and running it: the one specification every command, file and suite derives from.
+
+:class:`RunSpec` is the rule and its options, the data, and the network (:class:`NetSpec`), training
+recipe (:class:`TrainSpec`) and optimiser (:class:`OptimConfig`) it inherits. Its fields are the
+options of ``localcredit train`` (``localcredit.spec`` derives the flags), the keys of a config file
+(``--config run.yaml``; every run writes ``OUT/config.yaml``), the bench's and the probe's command
+lines, and the identity a checkpoint must match to be resumed. From Python::
+
+    import localcredit as lc
+    result = lc.fit(lc.RunSpec(rule="dfa", data="fashion-mnist", epochs=2), out="runs/dfa")
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
+import yaml
 
-from . import rules
+from . import rules, spec as options
 from .architectures import NetSpec, parse_hidden
 from .data import Dataset, load
 from .errors import UserError
 from .rules.base import OptimConfig, Rule, parse_options
+from .spec import at_least, option
+from .train import Parallelism, TrainConfig, Trainer, TrainSpec, atomic_write_bytes
 
-__all__ = ["RunSpec", "FINGERPRINT_FIELDS", "parse_hidden", "validate", "build_rule", "prepare", "run_info",
-           "default_out_dir"]
+__all__ = ["RunSpec", "parse_hidden", "validate", "build_rule", "prepare", "fit", "run_info", "default_out_dir",
+           "spec_from", "write_config", "CONFIG"]
+
+CONFIG = "config.yaml"
 
 
 @dataclass(kw_only=True)
-class RunSpec(NetSpec):
-    """A run: the rule, the data, the network (the NetSpec fields it inherits) and the optimiser."""
+class RunSpec(NetSpec, TrainSpec, OptimConfig):
+    """A run: the rule, the data, and the network, recipe and optimiser it inherits the options of."""
 
-    rule: str
-    data: str
-    data_root: str | None = None
-    options: list[str] = field(default_factory=list)  # the --set key=value strings
-    optimizer: str = "adam"
-    lr: float | None = None
-    seed: int = 0
+    TITLE: ClassVar[str] = "the run"
+
+    rule: str = option(MISSING, "learning rule (see `localcredit rules`)")
+    data: str = option(MISSING, "fashion-mnist | mnist | cifar10 | svhn | npz:PATH | imagefolder:PATH | val:NAME")
+    data_root: str | None = option(None, "folder holding the data set's files (default: $LOCALCREDIT_DATA/<name>)")
+    image_size: int | None = option(None, "imagefolder: resize the shorter side and centre-crop to this size",
+                                    parse=int, check=at_least(1))
+    options: list[str] = option([], "rule option KEY=VALUE, repeatable (see `localcredit rules`)",
+                                flag="--set", metavar="KEY=VALUE", repeated=True)
+
+    def part(self, cls: type) -> Any:
+        """The fields of one of the specifications it inherits, as that specification."""
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
 
 
-#: What must match for a checkpoint to be resumed (the seed belongs to the training loop; the data's
-#: folder may move).
-FINGERPRINT_FIELDS = tuple(f.name for f in fields(RunSpec) if f.name not in ("data_root", "seed"))
+#: config.yaml lists these first
+LEADING = ("rule", "data")
 
 
 def validate(spec: RunSpec) -> Any:
-    """Check everything that needs no data; return the rule's parsed Config."""
+    """Check everything that needs no data (ranges, the rule and its options); return the rule's Config."""
+    options.check(spec)
+    train_config(spec).validate()
     rule_cls = rules.get(spec.rule)
-    config = parse_options(rule_cls.Config, spec.options)
-    if spec.optimizer not in ("adam", "sgd"):
-        raise UserError(f"unknown --optimizer {spec.optimizer!r}; choose adam or sgd")
-    if spec.lr is not None and not spec.lr > 0:
-        raise UserError(f"--lr must be positive, got {spec.lr}")
-    return config
+    return parse_options(rule_cls.Config, spec.options)
+
+
+def train_config(spec: RunSpec, progress: bool = True) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(spec, f.name) for f in fields(TrainSpec)}, progress=progress)
 
 
 def build_rule(spec: RunSpec, data: Dataset) -> Rule:
@@ -53,13 +75,17 @@ def build_rule(spec: RunSpec, data: Dataset) -> Rule:
     rule_cls = rules.get(spec.rule)
     torch.manual_seed(spec.seed)
     net = rule_cls.build_network(spec.net_spec(), data.input_shape, data.num_classes)
-    return rule_cls(net, config, OptimConfig(optimizer=spec.optimizer, lr=spec.lr))
+    return rule_cls(net, config, spec.part(OptimConfig))
+
+
+def load_data(spec: RunSpec) -> Dataset:
+    return load(spec.data, spec.data_root)
 
 
 def prepare(spec: RunSpec) -> tuple[Dataset, Rule]:
     """Everything a run needs, validated before anything is written."""
     validate(spec)  # fail on a bad rule or option before spending time on the data
-    data = load(spec.data, spec.data_root)
+    data = load_data(spec)
     return data, build_rule(spec, data)
 
 
@@ -74,3 +100,67 @@ def run_info(spec: RunSpec, rule: Rule) -> dict[str, Any]:
 def default_out_dir(spec: RunSpec) -> str:
     data = re.sub(r"[^A-Za-z0-9._-]+", "-", spec.data.replace("npz:", "npz-").rsplit("/", 1)[-1])
     return f"runs/{spec.rule}-{data}-seed{spec.seed}"
+
+
+# ----- config files -----------------------------------------------------------------------------
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The option values of a YAML config file, checked key by key (one-line errors naming the key)."""
+    path = Path(path)
+    try:
+        mapping = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"{path} is not valid YAML{where}") from None
+    return options.from_mapping(RunSpec, mapping if mapping is not None else {}, str(path))
+
+
+def spec_from(config: str | Path | None, given: dict[str, Any]) -> RunSpec:
+    """The run a config file describes, with the command line's options (``given``) overriding it."""
+    values = read_config(config) if config is not None else {}
+    values.update(given)
+    missing = [f"--{name}" for name in LEADING if name not in values]
+    if missing:
+        raise UserError(f"{' and '.join(missing)} required (on the command line or in a --config file)")
+    spec = RunSpec(**values)
+    validate(spec)
+    return spec
+
+
+def write_config(spec: RunSpec, out_dir: Path) -> None:
+    """OUT/config.yaml: every option of the run; ``localcredit train --config`` it to repeat the run."""
+    header = (f"# localcredit run: `localcredit train --config {out_dir / CONFIG} --out NEW` repeats it "
+              f"(same seed, same numbers)\n")
+    text = header + yaml.safe_dump(options.to_mapping(spec, first=LEADING), sort_keys=False)
+    atomic_write_bytes(out_dir / CONFIG, lambda handle: handle.write(text.encode()))
+
+
+# ----- running ----------------------------------------------------------------------------------
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA device")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"unknown --device {name!r}; use cpu, cuda or auto")
+    return name
+
+
+def fit(spec: RunSpec, out: str | Path | None = None, resume: bool = False, device: str = "auto",
+        progress: bool = True, command: str | None = None, prepared: tuple[Dataset, Rule] | None = None,
+        parallel: Parallelism | None = None) -> dict[str, Any]:
+    """Train the run ``spec`` describes; with ``out``, write config.yaml, result.json and checkpoints there.
+
+    Returns the result dict (what result.json holds).
+    """
+    data, rule = prepared if prepared is not None else prepare(spec)
+    info = {**run_info(spec, rule), "command": command or "localcredit.fit"}
+    parallel = parallel if parallel is not None else Parallelism()
+    trainer = Trainer(rule, data, train_config(spec, progress), out_dir=out, run_info=info,
+                      device=resolve_device(device), parallel=parallel)
+    if out is not None and parallel.writer:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_config(spec, Path(out))
+    return trainer.fit(resume=resume)

@@ -20,6 +20,7 @@ line), so nothing one rule allocated is left over for the next.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -106,28 +107,28 @@ def step_time_ms(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m localcredit.probe --rule R --data D [network options of train] [--batch-size B]``: one JSON line."""
-    from . import architectures
-    from .experiment import RunSpec, build_rule
-    from .data import load
+    from . import spec as spec_options
+    from .experiment import RunSpec, build_rule, load_data
+    from .train import TrainSpec
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--rule", required=True)
-    parser.add_argument("--data", required=True)
-    architectures.add_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=128)
+    # The run's options (rule, data, network, optimiser, seed, batch size); not the rest of the recipe.
+    recipe = tuple(f.name for f in dataclasses.fields(TrainSpec) if f.name not in ("seed", "batch_size"))
+    spec_options.add_arguments(parser, RunSpec, exclude=recipe)
     parser.add_argument("--steps", type=int, default=6, help="steps of the memory measurement")
     parser.add_argument("--timed-steps", type=int, default=30, help="steps timed after them")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = load(args.data)
-    rule = build_rule(RunSpec(rule=args.rule, data=args.data, **architectures.from_args(args)), data)
-    b = args.batch_size
+    spec = RunSpec(**spec_options.given(args, RunSpec))
+    data = load_data(spec)
+    rule = build_rule(spec, data)
+    b = spec.batch_size
     batches = [(data.x_train[i * b:(i + 1) * b], data.y_train[i * b:(i + 1) * b])
                for i in range(args.steps + args.timed_steps)]
     memory = training_footprint(rule, batches[:args.steps])
     milliseconds = step_time_ms(rule, batches[args.steps:], warmup=0)  # the memory steps warmed it up
-    print(json.dumps({"rule": args.rule, "arch": rule.net.arch, "batch_size": b, "threads": args.threads,
+    print(json.dumps({"rule": spec.rule, "arch": rule.net.arch, "batch_size": b, "threads": args.threads,
                       "load_average_1min": os.getloadavg()[0],  # what else used the CPU while it timed
                       **memory, "ms_per_step": milliseconds, "timed_steps": args.timed_steps}))
 

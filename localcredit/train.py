@@ -1,9 +1,12 @@
 """The Trainer: epochs of ``rule.step`` over shuffled batches, evaluation, checkpoints, results.
 
 It knows no rule: it only calls ``rule.step``, ``rule.predict``, ``rule.start_epoch``,
-``rule.statistics`` and the rule's checkpoint state. The loop reads like a textbook one and
-exposes hooks (``before_epoch``, ``after_step``, ``after_epoch``) for code that wants to watch
-or steer a run without subclassing.
+``rule.statistics``, the rule's optimisers (for learning-rate schedules) and its checkpoint state.
+The training recipe -- epochs, batches, data order, augmentation, schedule, evaluation cadence -- is
+:class:`TrainSpec`, the same for every rule.
+
+Batches come from a :class:`BatchSource`: slices of in-memory tensors, or a DataLoader for data
+that is streamed from disk.
 
 It knows no process layout either: a :class:`Parallelism` runs its epochs and steps and says
 whether this process is the one that evaluates and writes. The default is one process doing
@@ -22,36 +25,71 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from tqdm import tqdm
 
+from .augment import augment_batch, augment_seed, parse_augment
 from .data import Dataset
 from .errors import UserError
-from .experiment import FINGERPRINT_FIELDS
 from .rules.base import Rule
+from .spec import at_least, check, one_of, option, parse_ints, positive
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 128
-    seed: int = 0
-    limit_train: int | None = None  # train on the first N training samples only
+LR_SCHEDULES = ("none", "cosine", "step")
+
+
+@dataclass(kw_only=True)
+class TrainSpec:
+    """The training recipe, the same for every rule: its fields are options (``localcredit.spec``)."""
+
+    TITLE: ClassVar[str] = "training recipe (the same for every rule)"
+
+    epochs: int = option(3, "epochs to train", parse=int, check=at_least(1))
+    batch_size: int = option(128, "samples per training step", parse=int, check=at_least(1))
+    seed: int = option(0, "seed of the weights, the rule's random matrices, the data order and the augmentation",
+                       parse=int)
+    limit_train: int | None = option(None, "train on the first N training samples only", parse=int,
+                                     check=at_least(1))
+    eval_every: int = option(1, "evaluate the test split every N epochs (and after the last)", parse=int,
+                             check=at_least(1))
+    augment: str = option("none", "crop:N (random crop, N pixels of padding) and/or flip (horizontal, p = 1/2), "
+                                  "e.g. crop:2,flip", parse=lambda text: str(parse_augment(text)))
+    lr_schedule: str = option("none", "none | cosine (to 0 over --epochs) | step (x --lr-decay after each of "
+                                      "--milestones)", check=one_of(*LR_SCHEDULES))
+    milestones: list[int] = option([], "epochs after which the step schedule decays the learning rate, e.g. 50,75",
+                                   parse=parse_ints, metavar="E,E,...",
+                                   check=lambda m: None if all(e >= 1 for e in m) and m == sorted(set(m))
+                                   else f"must be increasing positive epochs, got {m}")
+    lr_decay: float = option(0.1, "factor of the step schedule", parse=float, check=positive)
+
+
+@dataclass(kw_only=True)
+class TrainConfig(TrainSpec):
+    """The recipe plus how the loop reports (not part of a run's identity)."""
+
     eval_batch_size: int = 2000
     progress: bool = True
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise UserError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.limit_train is not None and self.limit_train < 1:
-            raise UserError(f"--limit-train must be at least 1, got {self.limit_train}")
+        check(self)
+        if self.lr_schedule == "step" and not self.milestones:
+            raise UserError("--lr-schedule step needs --milestones, e.g. --milestones 50,75")
+        if self.milestones and self.lr_schedule != "step":
+            raise UserError(f"--milestones applies to --lr-schedule step, not {self.lr_schedule}")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """The torch.optim.lr_scheduler of ``config.lr_schedule`` for one optimiser (None for none), stepped per epoch."""
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.lr_schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=config.milestones, gamma=config.lr_decay)
+    return None
 
 
 class Diverged(RuntimeError):
@@ -61,11 +99,6 @@ class Diverged(RuntimeError):
         super().__init__(f"training diverged at epoch {epoch}, step {step}: {what} is not finite "
                          f"(try a smaller --lr)")
         self.epoch, self.step = epoch, step
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch's global generator; rules draw their fixed random matrices from it."""
-    torch.manual_seed(seed)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -98,7 +131,35 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda handle: handle.write((json.dumps(payload, indent=2) + "\n").encode()))
 
 
-Hook = Callable[..., None]
+class BatchSource:
+    """Training and test batches of in-memory tensors (sliced, never copied sample by sample)."""
+
+    def __init__(self, data: Dataset, limit: int | None, device: torch.device):
+        limit = limit or len(data.x_train)
+        self.x_train = data.x_train[:limit].to(device)
+        self.y_train = data.y_train[:limit].to(device)
+        self.x_test = data.x_test.to(device)
+        self.y_test = data.y_test.to(device)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.y_test)
+
+    def train_batches(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in batches:
+            yield self.x_train[index], self.y_train[index]
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.test_size, batch_size):
+            yield self.x_test[start:start + batch_size], self.y_test[start:start + batch_size]
+
+    def black(self) -> torch.Tensor:
+        """Per-channel smallest training value: what augmentation pads with."""
+        return self.x_train.amin(dim=(0, *range(2, self.x_train.dim())))
 
 
 class Parallelism:
@@ -113,9 +174,9 @@ class Parallelism:
     def train_epoch(self, trainer: "Trainer", epoch: int) -> None:
         trainer.train_epoch(epoch)
 
-    def step(self, trainer: "Trainer", index: torch.Tensor) -> dict[str, float]:
-        """One training step on the samples ``index`` of the training set (the whole global batch)."""
-        return trainer.rule.step(trainer.x_train[index], trainer.y_train[index])
+    def step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One training step on the whole global batch ``x``, ``y`` (augmented already)."""
+        return trainer.rule.step(x, y)
 
     def finish_epoch(self, trainer: "Trainer") -> None:
         """After an epoch's training, before the writer evaluates and checkpoints it."""
@@ -138,25 +199,24 @@ class Trainer:
         self.device = torch.device(device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.run_info = dict(run_info or {})
-        limit = config.limit_train or len(data.x_train)
-        self.x_train = data.x_train[:limit].to(self.device)
-        self.y_train = data.y_train[:limit].to(self.device)
-        self.x_test = data.x_test.to(self.device)
-        self.y_test = data.y_test.to(self.device)
-        self.hooks: dict[str, list[Hook]] = defaultdict(list)
+        self.source = BatchSource(data, config.limit_train, self.device)
+        self.augment = parse_augment(config.augment)
+        if self.augment.active and len(data.input_shape) != 3:
+            raise UserError(f"--augment needs image data (C, H, W); this data set has per-sample shape "
+                            f"{tuple(data.input_shape)}")
+        self.black = self.source.black() if self.augment.active else None
         self.history: dict[str, list] = defaultdict(list)
         self.epochs_done = 0
         self.rule.to(self.device)
+        self.schedulers = [make_scheduler(optimizer, config) for optimizer in rule.optimizers]
 
-    def add_hook(self, event: str, fn: Hook) -> None:
-        """``before_epoch(trainer, epoch)``, ``after_step(trainer, epoch, step, stats)``, ``after_epoch(trainer, epoch)``."""
-        if event not in ("before_epoch", "after_step", "after_epoch"):
-            raise ValueError(f"unknown trainer event {event!r}")
-        self.hooks[event].append(fn)
+    @property
+    def x_train(self) -> torch.Tensor:
+        return self.source.x_train
 
-    def _call(self, event: str, *args: Any) -> None:
-        for fn in self.hooks[event]:
-            fn(self, *args)
+    @property
+    def y_train(self) -> torch.Tensor:
+        return self.source.y_train
 
     # ----- the loop ------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -168,14 +228,15 @@ class Trainer:
         self.parallel.attach(self)
         try:
             for epoch in range(self.epochs_done, self.config.epochs):
-                self._call("before_epoch", epoch)
                 self.rule.start_epoch(epoch, self.config.epochs)
                 self.parallel.train_epoch(self, epoch)
                 self.parallel.finish_epoch(self)
+                for scheduler in self.schedulers:
+                    if scheduler is not None:
+                        scheduler.step()
                 if self.parallel.writer:
-                    self.history["test_accuracy"].append(self.evaluate(self.x_test, self.y_test))
+                    self.history["test_accuracy"].append(self.evaluate() if self.evaluates(epoch) else None)
                 self.epochs_done = epoch + 1
-                self._call("after_epoch", epoch)
                 self._save_checkpoint()
         except Diverged as exc:
             result = self.result(status="diverged", message=str(exc))
@@ -185,10 +246,25 @@ class Trainer:
         self._write_result(result)
         return result
 
+    def evaluates(self, epoch: int) -> bool:
+        """Whether the test split is evaluated after ``epoch`` (0-based): every --eval-every, and the last."""
+        return (epoch + 1) % self.config.eval_every == 0 or epoch + 1 == self.config.epochs
+
     def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
         """The sample indices of every step of ``epoch``, in order (the same in every process)."""
-        order = epoch_order(len(self.x_train), self.config.seed, epoch).to(self.device)
+        order = epoch_order(self.source.train_size, self.config.seed, epoch).to(self.device)
         return list(order.split(self.config.batch_size))
+
+    def training_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) of every step of ``epoch``, augmented: the same in every process."""
+        for step, (x, y) in enumerate(self.source.train_batches(self.epoch_batches(epoch))):
+            yield self.augmented(x, epoch, step), y
+
+    def augmented(self, x: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        if not self.augment.active:
+            return x
+        generator = torch.Generator(device=x.device).manual_seed(augment_seed(self.config.seed, epoch, step))
+        return augment_batch(x, self.augment, generator, self.black)
 
     def progress_bar(self, epoch: int, steps: int) -> tqdm:
         return tqdm(range(steps), desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch",
@@ -196,43 +272,47 @@ class Trainer:
                     file=sys.stderr)
 
     def train_epoch(self, epoch: int) -> None:
-        batches = self.epoch_batches(epoch)
+        steps = self.steps_per_epoch
         totals: dict[str, float] = defaultdict(float)
-        bar = self.progress_bar(epoch, len(batches))
+        bar = self.progress_bar(epoch, steps)
         start = time.perf_counter()
-        for step in bar:
-            stats = self.parallel.step(self, batches[step])
+        for step, (x, y) in zip(bar, self.training_batches(epoch)):
+            stats = self.parallel.step(self, x, y)
             if not math.isfinite(stats["loss"]):
                 raise Diverged(epoch + 1, step + 1, "the loss")
             for key, value in stats.items():
                 totals[key] += value
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            self._call("after_step", epoch, step, stats)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.record_epoch(epoch, time.perf_counter() - start, {k: v / len(batches) for k, v in totals.items()})
+        self.record_epoch(epoch, time.perf_counter() - start, {k: v / steps for k, v in totals.items()})
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.source.train_size / self.config.batch_size)
 
     def record_epoch(self, epoch: int, seconds: float, mean_stats: dict[str, float]) -> None:
         """Check the weights, then log an epoch's duration and its per-step mean of every logged figure."""
         if not all(torch.isfinite(p).all() for p in self.rule.parameters()):
-            raise Diverged(epoch + 1, math.ceil(len(self.x_train) / self.config.batch_size), "a weight")
+            raise Diverged(epoch + 1, self.steps_per_epoch, "a weight")
         self.history["seconds_per_epoch"].append(seconds)
         for key, mean in mean_stats.items():
             self.history[f"train_{key}"].append(mean)
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def evaluate(self) -> float:
+        """Test accuracy of the rule's predictions."""
         correct = 0
-        for start in range(0, len(x), self.config.eval_batch_size):
-            end = start + self.config.eval_batch_size
-            correct += (self.rule.predict(x[start:end]) == y[start:end]).sum().item()
-        return correct / len(x)
+        for x, y in self.source.test_batches(self.config.eval_batch_size):
+            correct += (self.rule.predict(x) == y).sum().item()
+        return correct / self.source.test_size
 
     # ----- results and checkpoints ---------------------------------------------------------
     def result(self, status: str, message: str | None = None) -> dict[str, Any]:
         seconds = self.history.get("seconds_per_epoch", [])
         accuracy = self.history.get("test_accuracy", [])
+        evaluated = [a for a in accuracy if a is not None]
         result = {
             **self.run_info,
             "status": status,
@@ -240,12 +320,12 @@ class Trainer:
             "epochs_completed": self.epochs_done,
             "seed": self.config.seed,
             "batch_size": self.config.batch_size,
-            "train_samples": len(self.x_train),
-            "test_accuracy": accuracy[-1] if accuracy else None,
+            "train_samples": self.source.train_size,
+            "test_accuracy": evaluated[-1] if evaluated else None,
             "test_accuracy_per_epoch": accuracy,
             "train_loss_per_epoch": self.history.get("train_loss", []),
             "seconds_per_epoch": seconds,
-            "samples_per_second": len(self.x_train) / (sum(seconds) / len(seconds)) if seconds else None,
+            "samples_per_second": self.source.train_size / (sum(seconds) / len(seconds)) if seconds else None,
             "peak_memory_mb": peak_memory_mb(self.device),
             "parameters": sum(p.numel() for p in self.rule.net.parameters()),
             "train_metrics_per_epoch": {k[len("train_"):]: v for k, v in self.history.items()
@@ -264,15 +344,16 @@ class Trainer:
             write_json(self.out_dir / RESULT, result)
 
     def _fingerprint(self) -> dict[str, Any]:
-        """What must match for a checkpoint to be resumed by this run."""
-        return {"train": {k: v for k, v in asdict(self.config).items() if k != "progress"},
-                "run": {k: self.run_info.get(k) for k in FINGERPRINT_FIELDS}}
+        """What must match for a checkpoint to be resumed by this run (not where the data lives, nor the command)."""
+        return {"train": {k: v for k, v in asdict(self.config).items() if k not in ("progress", "eval_batch_size")},
+                "run": {k: v for k, v in self.run_info.items() if k not in ("command", "data_root")}}
 
     def _save_checkpoint(self) -> None:
         if self.out_dir is None or not self.parallel.writer:
             return
         state = {"epochs_done": self.epochs_done, "fingerprint": json.dumps(self._fingerprint(), sort_keys=True),
                  "rule": self.rule.checkpoint_state(), "history": dict(self.history),
+                 "schedulers": [s.state_dict() if s is not None else None for s in self.schedulers],
                  "torch_rng": torch.get_rng_state()}
         atomic_write_bytes(self.out_dir / CHECKPOINT, lambda handle: torch.save(state, handle))
 
@@ -287,6 +368,9 @@ class Trainer:
             raise UserError(f"the checkpoint in {self.out_dir} was made with other options; "
                             f"use another --out or the same options to resume")
         self.rule.load_checkpoint_state(state["rule"])
+        for scheduler, saved in zip(self.schedulers, state.get("schedulers", []), strict=False):
+            if scheduler is not None and saved is not None:
+                scheduler.load_state_dict(saved)
         self.history = defaultdict(list, {k: list(v) for k, v in state["history"].items()})
         self.epochs_done = min(state["epochs_done"], self.config.epochs)
         torch.set_rng_state(state["torch_rng"].cpu())
@@ -294,5 +378,5 @@ class Trainer:
 
 def _same_run(saved: dict[str, Any], current: dict[str, Any]) -> bool:
     # --epochs may grow on resume (train a finished run further); nothing else may change.
-    strip = lambda fp: {**fp, "train": {**fp["train"], "epochs": None}}  # noqa: E731
+    strip = lambda fp: {"train": {**fp["train"], "epochs": None}, "run": {**fp["run"], "epochs": None}}  # noqa: E731
     return strip(saved) == strip(current)

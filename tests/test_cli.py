@@ -152,13 +152,15 @@ def test_flush_denormal_flushes_while_training_and_restores_the_default(good_npz
 
     subnormal = torch.tensor([1e-39])
     seen = []
-    real_fit = cli.Trainer.fit
+    from localcredit.train import Trainer
+
+    real_fit = Trainer.fit
 
     def fit(self, resume=False):
         seen.append((subnormal * 1.0).item())  # 0 when subnormals are flushed
         return real_fit(self, resume)
 
-    monkeypatch.setattr(cli.Trainer, "fit", fit)
+    monkeypatch.setattr(Trainer, "fit", fit)
     for flag in ([], ["--flush-denormal"]):
         assert main(["train", "--rule", "bp", "--data", good_npz, "--hidden", "8", "--epochs", "1",
                      "--out", str(tmp_path / str(len(flag))), "--quiet", *flag]) == 0

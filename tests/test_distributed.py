@@ -111,7 +111,7 @@ def test_data_parallel_equals_one_process_after_one_step(npz, tmp_path):
         written = result(tmp_path / out)
         assert written["parallel"] == {"mode": "data", "procs": 2, "backend": "gloo"}
         assert written["train_loss_per_epoch"] == pytest.approx(single["train_loss_per_epoch"], rel=1e-5)
-        assert sorted(p.name for p in (tmp_path / out).iterdir()) == [CHECKPOINT, RESULT]
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == [CHECKPOINT, "config.yaml", RESULT]
     assert spawned.stdout.count("test_accuracy") == 1, "only rank 0 prints the summary"
 
 

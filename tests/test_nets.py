@@ -9,7 +9,8 @@ from torch import nn
 
 import localcredit as lc
 from localcredit import rules
-from localcredit.architectures import NetSpec, ResidualUnit, build, parse_layer_string, to_argv
+from localcredit.architectures import NetSpec, ResidualUnit, build, parse_layer_string
+from localcredit.spec import to_argv
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
 

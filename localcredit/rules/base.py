@@ -31,6 +31,7 @@ from torch import nn
 from ..architectures import NetSpec, build as build_net
 from ..errors import UserError
 from ..nets import BlockNet
+from ..spec import at_least, check as check_options, one_of, option as spec_option, positive
 
 _REGISTRY: dict[str, type["Rule"]] = {}
 
@@ -69,12 +70,9 @@ def make_rule(name: str, net: BlockNet, *, optimizer: str = "adam", lr: float | 
     rule_cls = get(name)
     if not isinstance(net, BlockNet):
         raise UserError(f"make_rule needs a BlockNet (localcredit.blocknet(...)), got {type(net).__name__}")
-    if optimizer not in DEFAULT_LR:
-        raise UserError(f"unknown optimizer {optimizer!r}; choose adam or sgd")
-    if lr is not None and not lr > 0:
-        raise UserError(f"lr must be positive, got {lr}")
-    config = make_config(rule_cls.Config, options)
-    return rule_cls(net, config, OptimConfig(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay))
+    optim = OptimConfig(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    check_options(optim, source="make_rule")
+    return rule_cls(net, make_config(rule_cls.Config, options), optim)
 
 
 def option(default: Any, help: str) -> Any:
@@ -91,14 +89,19 @@ class EmptyConfig:
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.05}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OptimConfig:
-    """The torch.optim optimiser every parameter group of a rule gets."""
+    """The torch.optim optimiser every parameter group of a rule gets; its fields are options (``localcredit.spec``)."""
 
-    optimizer: str = "adam"
-    lr: float | None = None  # None: 1e-3 for adam, 0.05 for sgd
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
+    TITLE: ClassVar[str] = "optimiser (one per parameter group of the rule)"
+
+    optimizer: str = spec_option("adam", "adam | sgd", check=one_of(*DEFAULT_LR))
+    lr: float | None = spec_option(None, "learning rate (default: the rule's; 1e-3 adam, 0.05 sgd for most)",
+                                   parse=float, check=positive)
+    momentum: float = spec_option(0.9, "momentum of sgd", parse=float,
+                                  check=lambda m: None if 0 <= m < 1 else f"must be in [0, 1), got {m}")
+    weight_decay: float = spec_option(0.0, "L2 weight decay of the optimiser (adam: added to the gradient, "
+                                           "as torch.optim.Adam does)", parse=float, check=at_least(0))
 
     def make(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer == "adam":
