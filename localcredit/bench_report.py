@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .bench import REFERENCE, Entry, Run, read_result  # noqa: E402
+from .bench_plan import REFERENCE, Entry, Run, read_result  # noqa: E402
 
 #: The papers' reported test accuracy (%), from ../shared/METHODS.md; a rule without one shows "-".
 PAPER_REFERENCES: dict[str, dict[str, str]] = {
