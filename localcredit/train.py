@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .augment import augment_batch, augment_seed, parse_augment
 from .data import Dataset
+from .data.streaming import StreamedDataset
 from .errors import UserError
 from .rules.base import Rule
 from .spec import at_least, check, one_of, option, parse_ints, positive
@@ -131,6 +132,10 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda handle: handle.write((json.dumps(payload, indent=2) + "\n").encode()))
 
 
+#: DataLoader worker processes that decode streamed data while the network trains.
+LOADER_WORKERS = min(2, os.cpu_count() or 1)
+
+
 class BatchSource:
     """Training and test batches of in-memory tensors (sliced, never copied sample by sample)."""
 
@@ -160,6 +165,42 @@ class BatchSource:
     def black(self) -> torch.Tensor:
         """Per-channel smallest training value: what augmentation pads with."""
         return self.x_train.amin(dim=(0, *range(2, self.x_train.dim())))
+
+
+class StreamedSource:
+    """Training and test batches of a streamed data set, decoded by DataLoader workers.
+
+    The same index batches as in memory (the epoch's seeded order), so a streamed run sees its
+    samples in the order an in-memory run of the same data would.
+    """
+
+    def __init__(self, data: StreamedDataset, limit: int | None, device: torch.device, workers: int):
+        self.data, self.device, self.workers = data, device, workers
+        self.train_size = min(limit or len(data.y_train), len(data.y_train))
+        self.test_size = len(data.y_test)
+
+    def _batches(self, split: str, batches: list) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.data.loader(split, batches, self.workers):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def train_batches(self, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._batches("train", [b.tolist() for b in batches])
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        starts = range(0, self.test_size, batch_size)
+        return self._batches("test", [list(range(s, min(s + batch_size, self.test_size))) for s in starts])
+
+    def black(self) -> torch.Tensor:
+        """Per-channel smallest value of the first (up to) 512 training images."""
+        x, _ = next(self._batches("train", [list(range(min(512, self.train_size)))]))
+        return x.amin(dim=(0, 2, 3))
+
+
+def batch_source(data: Dataset | StreamedDataset, limit: int | None, device: torch.device,
+                 workers: int = LOADER_WORKERS) -> BatchSource | StreamedSource:
+    if isinstance(data, StreamedDataset):
+        return StreamedSource(data, limit, device, workers)
+    return BatchSource(data, limit, device)
 
 
 class Parallelism:
@@ -199,7 +240,7 @@ class Trainer:
         self.device = torch.device(device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.run_info = dict(run_info or {})
-        self.source = BatchSource(data, config.limit_train, self.device)
+        self.source = batch_source(data, config.limit_train, self.device)
         self.augment = parse_augment(config.augment)
         if self.augment.active and len(data.input_shape) != 3:
             raise UserError(f"--augment needs image data (C, H, W); this data set has per-sample shape "
@@ -212,6 +253,7 @@ class Trainer:
 
     @property
     def x_train(self) -> torch.Tensor:
+        """The in-memory training inputs (what the multi-process layouts slice)."""
         return self.source.x_train
 
     @property
@@ -234,6 +276,7 @@ class Trainer:
                 for scheduler in self.schedulers:
                     if scheduler is not None:
                         scheduler.step()
+                self.history["learning_rate"].append(self.learning_rates())
                 if self.parallel.writer:
                     self.history["test_accuracy"].append(self.evaluate() if self.evaluates(epoch) else None)
                 self.epochs_done = epoch + 1
@@ -245,6 +288,10 @@ class Trainer:
         result = self.result(status="ok")
         self._write_result(result)
         return result
+
+    def learning_rates(self) -> list[float]:
+        """The learning rate of every optimiser (the first group's): what the next epoch uses."""
+        return [optimizer.param_groups[0]["lr"] for optimizer in self.rule.optimizers]
 
     def evaluates(self, epoch: int) -> bool:
         """Whether the test split is evaluated after ``epoch`` (0-based): every --eval-every, and the last."""
@@ -324,6 +371,7 @@ class Trainer:
             "test_accuracy": evaluated[-1] if evaluated else None,
             "test_accuracy_per_epoch": accuracy,
             "train_loss_per_epoch": self.history.get("train_loss", []),
+            "learning_rates_after_epoch": self.history.get("learning_rate", []),
             "seconds_per_epoch": seconds,
             "samples_per_second": self.source.train_size / (sum(seconds) / len(seconds)) if seconds else None,
             "peak_memory_mb": peak_memory_mb(self.device),

@@ -548,13 +548,14 @@ def test_npz_missing_and_unreadable_files(tmp_path):
 def test_describe_all_lists_every_dataset(empty_homes):
     home, _ = empty_homes
     infos = {info.name: info for info in describe_all()}
-    assert list(infos) == [*dataset_names(), "npz:PATH"]
+    assert list(infos) == [*dataset_names(), "npz:PATH", "svhn", "imagefolder:PATH"]
     assert all(isinstance(info, DatasetInfo) and info.description for info in infos.values())
     assert not infos["fashion-mnist"].available and "apt-get install dataset-fashion-mnist" in infos[
         "fashion-mnist"].how_to_get
     assert not infos["mnist"].available and "prepare-data" in infos["mnist"].how_to_get
     assert not infos["cifar10"].available and str(home / "cifar10") in infos["cifar10"].how_to_get
-    assert infos["npz:PATH"].available
+    assert not infos["svhn"].available and "train_32x32.mat" in infos["svhn"].how_to_get
+    assert infos["npz:PATH"].available and infos["imagefolder:PATH"].available
     write_cifar(home / "cifar10" / "cifar-10-batches-py")
     write_idx_set(home / "fashion-mnist")
     infos = {info.name: info for info in describe_all()}

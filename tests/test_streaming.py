@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -508,3 +509,66 @@ def test_svhn_malformed_files(svhn_folder, case):
         rewrite(folder, X=x, y=y[:-1])
     message = raises_one_line(str(path), load_svhn, folder)
     assert "official" in message
+
+
+# ----- streamed data through `localcredit train` ------------------------------------------------
+def write_fashion_folder(root: Path, fashion, classes=(0, 1, 7), per_class=150) -> None:
+    """Real Fashion-MNIST images (T-shirt, trouser, sneaker) as PNG files, one folder per class."""
+    images = ((fashion.x_train - fashion.x_train.min()) / (fashion.x_train.max() - fashion.x_train.min()) * 255)
+    for c in classes:
+        folder = root / f"class-{c}"
+        folder.mkdir(parents=True)
+        for i, index in enumerate((fashion.y_train == c).nonzero().flatten()[:per_class].tolist()):
+            Image.fromarray(images[index, 0].round().byte().numpy(), mode="L").save(folder / f"{i}.png")
+
+
+def test_train_streams_an_image_folder_and_learns(fashion, tmp_path, capsys):
+    from localcredit.cli import main
+
+    write_fashion_folder(tmp_path / "pngs", fashion)
+    out = tmp_path / "out"
+    assert main(["train", "--rule", "bp", "--data", f"imagefolder:{tmp_path / 'pngs'}", "--image-size", "16",
+                 "--arch", "vgg", "--channels", "8,M,16,M", "--hidden", "32", "--epochs", "3", "--batch-size", "16",
+                 "--augment", "flip", "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["train_samples"] == 375 and result["status"] == "ok"
+    assert result["test_accuracy"] >= 0.8, result["test_accuracy_per_epoch"]  # 3 classes: chance is 0.33
+    assert main(["align", "--rule", "fa", "--data", f"imagefolder:{tmp_path / 'pngs'}", "--image-size", "16",
+                 "--arch", "vgg", "--channels", "8,M", "--hidden", "16", "--batch-size", "16"]) == 0
+
+
+def test_train_streams_svhn(tmp_path, monkeypatch, capsys):
+    from localcredit.cli import main
+
+    write_svhn(tmp_path / "svhn", train=64, test=32)
+    out = tmp_path / "out"
+    assert main(["train", "--rule", "dfa", "--data", "svhn", "--data-root", str(tmp_path / "svhn"), "--arch", "vgg",
+                 "--channels", "4,M", "--hidden", "8", "--epochs", "1", "--batch-size", "16", "--out", str(out),
+                 "--quiet"]) == 0
+    assert json.loads((out / "result.json").read_text())["train_samples"] == 64
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--procs", "2"], "fits in memory"),
+])
+def test_streamed_data_refuses_what_needs_memory(fashion, tmp_path, capsys, argv, expect):
+    from localcredit.cli import main
+
+    write_fashion_folder(tmp_path / "pngs", fashion, per_class=12)
+    code = main(["train", "--rule", "bp", "--data", f"imagefolder:{tmp_path / 'pngs'}", *argv,
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expect in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_image_folder_exits_2_and_writes_nothing(tmp_path, capsys):
+    from localcredit.cli import main
+
+    (tmp_path / "pngs" / "cat").mkdir(parents=True)
+    (tmp_path / "pngs" / "dog").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "pngs" / "cat" / "a.png")
+    code = main(["train", "--rule", "bp", "--data", f"imagefolder:{tmp_path / 'pngs'}", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "dog" in err[0], err
+    assert not (tmp_path / "out").exists()

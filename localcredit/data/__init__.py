@@ -1,12 +1,13 @@
-"""Data sets as standardised tensors (``sources``) and the one-time set-up of the data (``prepare``)."""
+"""Data sets as standardised tensors (``sources``), streamed from disk (``streaming``), and the one-time
+set-up of the data (``prepare``)."""
 
+from . import sources, streaming
 from .sources import (
     Dataset,
     DatasetInfo,
     cache_dir,
     data_home,
     dataset_names,
-    describe_all,
     has_idx_files,
     load,
     mnist_full_cache_path,
@@ -15,6 +16,13 @@ from .sources import (
     stratified_split,
     validation_split,
 )
+
+
+
+def describe_all() -> list[DatasetInfo]:
+    """Every data set ``localcredit datasets`` lists: the in-memory ones, then the streamed ones."""
+    return [*sources.describe_all(), streaming.describe_svhn(), streaming.describe_imagefolder()]
+
 
 __all__ = [
     "Dataset",

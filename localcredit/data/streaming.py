@@ -548,8 +548,9 @@ def _looks_like_mat(path: Path) -> bool:
 def describe_svhn() -> DatasetInfo:
     """What ``localcredit datasets`` shows for svhn."""
     folder = _svhn_folder(None)
+    available = all(_looks_like_mat(folder / f) for f in SVHN_FILES.values())
     return DatasetInfo(
-        name="svhn", available=all(_looks_like_mat(folder / f) for f in SVHN_FILES.values()),
-        location=str(folder), how_to_get=_svhn_how(folder),
+        name="svhn", available=available, location=str(folder), how_to_get=_svhn_how(folder),
+        train_samples=73_257 if available else None, test_samples=26_032 if available else None,
         description="SVHN cropped house-number digits: 32x32 colour, 10 classes, official 73,257/26,032 split "
                     "(extra_32x32.mat not used), kept as uint8 and standardised batch by batch")
