@@ -13,9 +13,10 @@ __version__ = "0.1.0"
 
 from .architectures import NetSpec, register_architecture
 from .errors import UserError
+from .experiment import RunSpec, fit
 from .layers import register_layer
 from .nets import BlockNet, blocknet
 from .rules import Rule, available as available_rules, make_rule, register as register_rule
 
-__all__ = ["BlockNet", "NetSpec", "Rule", "UserError", "available_rules", "blocknet", "make_rule",
+__all__ = ["BlockNet", "NetSpec", "Rule", "RunSpec", "UserError", "available_rules", "blocknet", "fit", "make_rule",
            "register_architecture", "register_layer", "register_rule"]

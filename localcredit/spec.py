@@ -171,9 +171,10 @@ def _coerce(f: dataclasses.Field, hint: Any, value: Any) -> Any:
         return f.metadata["parse"](value)
     kind = _non_none(hint)
     if typing.get_origin(kind) is list:
-        if not isinstance(value, list):
-            raise ValueError(f"expected a list, got {value!r}")
-        return f.metadata["parse"](",".join(map(_scalar_text, value)) or "none")
+        items = value if isinstance(value, list) else [value]  # `milestones: 50` is the list [50]
+        if any(isinstance(item, (list, dict)) for item in items):
+            raise ValueError(f"expected a list of numbers, got {value!r}")
+        return f.metadata["parse"](",".join(map(_scalar_text, items)) or "none")
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
