@@ -27,12 +27,12 @@ from .data.streaming import IMAGEFOLDER_PREFIX, StreamedDataset, load_imagefolde
 from .errors import UserError
 from .rules.base import OptimConfig, Rule, parse_options
 from .spec import at_least, option
+from .runfiles import CONFIG, claim_out_dir
 from .train import Parallelism, TrainConfig, Trainer, TrainSpec, atomic_write_bytes
 
 __all__ = ["RunSpec", "parse_hidden", "validate", "build_rule", "prepare", "fit", "run_info", "default_out_dir",
            "spec_from", "write_config", "CONFIG"]
 
-CONFIG = "config.yaml"
 
 
 @dataclass(kw_only=True)
@@ -66,8 +66,9 @@ def validate(spec: RunSpec) -> Any:
     return parse_options(rule_cls.Config, spec.options)
 
 
-def train_config(spec: RunSpec, progress: bool = True) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(spec, f.name) for f in fields(TrainSpec)}, progress=progress)
+def train_config(spec: RunSpec, progress: bool = True, **loop: Any) -> TrainConfig:
+    """The Trainer's configuration: the spec's recipe plus how the loop reports and saves (``loop``)."""
+    return TrainConfig(**{f.name: getattr(spec, f.name) for f in fields(TrainSpec)}, progress=progress, **loop)
 
 
 def build_rule(spec: RunSpec, data: Dataset) -> Rule:
@@ -165,17 +166,19 @@ def resolve_device(name: str) -> str:
 
 def fit(spec: RunSpec, out: str | Path | None = None, resume: bool = False, device: str = "auto",
         progress: bool = True, command: str | None = None, prepared: tuple[Dataset, Rule] | None = None,
-        parallel: Parallelism | None = None) -> dict[str, Any]:
+        parallel: Parallelism | None = None, overwrite: bool = False, checkpoint_every: str = "10m",
+        resume_hint: str = "") -> dict[str, Any]:
     """Train the run ``spec`` describes; with ``out``, write config.yaml, result.json and checkpoints there.
 
-    Returns the result dict (what result.json holds).
+    An ``out`` that holds a run is refused unless ``resume`` (continue it) or ``overwrite`` (replace
+    it). Returns the result dict (what result.json holds); a signal raises
+    :class:`~localcredit.runfiles.Interrupted` after the checkpoint is written.
     """
     data, rule = prepared if prepared is not None else prepare(spec)
     info = {**run_info(spec, rule), "command": command or "localcredit.fit"}
     parallel = parallel if parallel is not None else Parallelism()
-    trainer = Trainer(rule, data, train_config(spec, progress), out_dir=out, run_info=info,
-                      device=resolve_device(device), parallel=parallel)
-    if out is not None and parallel.writer:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_config(spec, Path(out))
-    return trainer.fit(resume=resume)
+    config = train_config(spec, progress, checkpoint_every=checkpoint_every, resume_hint=resume_hint)
+    trainer = Trainer(rule, data, config, out_dir=out, run_info=info, device=resolve_device(device), parallel=parallel)
+    if out is not None and parallel.writer:  # other processes: the launcher checked before they started
+        claim_out_dir(out, resume, overwrite)
+    return trainer.fit(resume=resume, on_start=lambda: write_config(spec, Path(out)) if out is not None else None)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -35,10 +35,8 @@ from .data import Dataset
 from .data.streaming import StreamedDataset
 from .errors import UserError
 from .rules.base import Rule
+from .runfiles import CHECKPOINT, RESULT, Interrupted, StopRequests, load_checkpoint, parse_checkpoint_every
 from .spec import at_least, check, one_of, option, parse_ints, positive
-
-CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
 
 
 LR_SCHEDULES = ("none", "cosine", "step")
@@ -75,9 +73,14 @@ class TrainConfig(TrainSpec):
 
     eval_batch_size: int = 2000
     progress: bool = True
+    #: Mid-epoch checkpoints: steps ("500"), a time ("10m") or "off" (localcredit.runfiles).
+    checkpoint_every: str = "10m"
+    #: The command that continues this run, for the line printed when a signal stops it.
+    resume_hint: str = ""
 
     def validate(self) -> None:
         check(self)
+        parse_checkpoint_every(self.checkpoint_every)
         if self.lr_schedule == "step" and not self.milestones:
             raise UserError("--lr-schedule step needs --milestones, e.g. --milestones 50,75")
         if self.milestones and self.lr_schedule != "step":
@@ -203,6 +206,27 @@ def batch_source(data: Dataset | StreamedDataset, limit: int | None, device: tor
     return BatchSource(data, limit, device)
 
 
+#: TrainConfig fields that change how the loop reports or saves, never the numbers: not part of a run's identity.
+LOOP_ONLY = ("progress", "eval_batch_size", "checkpoint_every", "resume_hint")
+
+
+@dataclass
+class EpochProgress:
+    """An epoch under way: what a mid-epoch checkpoint carries so that a resumed run ends the same."""
+
+    epoch: int
+    steps_done: int = 0
+    totals: dict[str, float] = field(default_factory=dict)  # per-step figures summed so far
+    seconds: float = 0.0  # training time of the steps done, before the current sitting
+
+    def state(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: Processes agree whether to checkpoint or stop every this many steps (single process: every step).
+AGREE_EVERY = 8
+
+
 class Parallelism:
     """How a Trainer's work is spread over processes. This default: one process does everything."""
 
@@ -212,8 +236,8 @@ class Parallelism:
     def attach(self, trainer: "Trainer") -> None:
         """Once per fit, after a resume has loaded the checkpoint, before the first epoch."""
 
-    def train_epoch(self, trainer: "Trainer", epoch: int) -> None:
-        trainer.train_epoch(epoch)
+    def train_epoch(self, trainer: "Trainer", progress: EpochProgress) -> None:
+        trainer.train_epoch(progress)
 
     def step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """One training step on the whole global batch ``x``, ``y`` (augmented already)."""
@@ -221,6 +245,21 @@ class Parallelism:
 
     def finish_epoch(self, trainer: "Trainer") -> None:
         """After an epoch's training, before the writer evaluates and checkpoints it."""
+
+    def agree(self, wants: tuple[int, int], steps_done: int) -> tuple[int, int] | None:
+        """(checkpoint now?, stop signal) as all processes see it, or None: no decision at this step."""
+        return wants
+
+    def settle(self, wants: tuple[int, int]) -> tuple[int, int]:
+        """The same, at an epoch's end, where every process is waiting anyway (always decides)."""
+        return wants
+
+    def checkpoint_extra(self, trainer: "Trainer", progress: EpochProgress | None) -> dict[str, Any]:
+        """Called by every process before a checkpoint: what the writer saves beyond its own state."""
+        return {}
+
+    def load_checkpoint_extra(self, trainer: "Trainer", extra: dict[str, Any]) -> None:
+        """Every process, on resume: take this process's share of ``checkpoint_extra``."""
 
     def describe(self) -> dict[str, Any]:
         """The ``parallel`` entry of result.json."""
@@ -250,6 +289,9 @@ class Trainer:
         self.epochs_done = 0
         self.rule.to(self.device)
         self.schedulers = [make_scheduler(optimizer, config) for optimizer in rule.optimizers]
+        self.checkpoint_every = parse_checkpoint_every(config.checkpoint_every)
+        self.stop = StopRequests()  # inert until fit() enters it
+        self.last_checkpoint = time.monotonic()
 
     @property
     def x_train(self) -> torch.Tensor:
@@ -261,33 +303,82 @@ class Trainer:
         return self.source.y_train
 
     # ----- the loop ------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        if self.out_dir is not None:
-            if self.parallel.writer:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-            if resume:
-                self._load_checkpoint()
+    def fit(self, resume: bool = False, on_start: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Train to the end (or from the checkpoint in out_dir on, with ``resume``); the result dict.
+
+        ``on_start``: called in the writing process once the checkpoint has been read and checked,
+        before anything is written (a damaged checkpoint must leave the folder untouched).
+        """
+        saved = self._read_checkpoint() if resume and self.out_dir is not None else None
+        if self.out_dir is not None and self.parallel.writer:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if on_start is not None:
+                on_start()
+        resumed = self._restore(saved) if saved is not None else None
         self.parallel.attach(self)
-        try:
-            for epoch in range(self.epochs_done, self.config.epochs):
-                self.rule.start_epoch(epoch, self.config.epochs)
-                self.parallel.train_epoch(self, epoch)
-                self.parallel.finish_epoch(self)
-                for scheduler in self.schedulers:
-                    if scheduler is not None:
-                        scheduler.step()
-                self.history["learning_rate"].append(self.learning_rates())
-                if self.parallel.writer:
-                    self.history["test_accuracy"].append(self.evaluate() if self.evaluates(epoch) else None)
-                self.epochs_done = epoch + 1
-                self._save_checkpoint()
-        except Diverged as exc:
-            result = self.result(status="diverged", message=str(exc))
-            self._write_result(result)
-            raise
+        with StopRequests() as self.stop:
+            self.last_checkpoint = time.monotonic()
+            try:
+                for epoch in range(self.epochs_done, self.config.epochs):
+                    self.run_epoch(resumed if resumed is not None and resumed.epoch == epoch else EpochProgress(epoch))
+            except Diverged as exc:
+                self._write_result(self.result(status="diverged", message=str(exc)))
+                raise
+            except Interrupted as exc:
+                result = self.result(status="interrupted", message=str(exc))
+                result["interrupted_at"] = {"epoch": exc.epoch, "step": exc.step, "signal": exc.signum}
+                self._write_result(result)
+                raise
         result = self.result(status="ok")
         self._write_result(result)
         return result
+
+    def run_epoch(self, progress: EpochProgress) -> None:
+        """Train (the rest of) one epoch, then schedule, evaluate, checkpoint, and stop if asked to."""
+        epoch = progress.epoch
+        if progress.steps_done == 0:  # a mid-epoch resume has the rule's state of that moment already
+            self.rule.start_epoch(epoch, self.config.epochs)
+        self.parallel.train_epoch(self, progress)
+        self.parallel.finish_epoch(self)
+        for scheduler in self.schedulers:
+            if scheduler is not None:
+                scheduler.step()
+        self.history["learning_rate"].append(self.learning_rates())
+        if self.parallel.writer:
+            self.history["test_accuracy"].append(self.evaluate() if self.evaluates(epoch) else None)
+        self.epochs_done = epoch + 1
+        self._save_checkpoint(None)
+        _, signum = self.parallel.settle((0, self.stop.signum))
+        if signum and self.epochs_done < self.config.epochs:
+            raise Interrupted.at_step(signum, epoch + 2, 0, self.config.resume_hint)
+
+    def at_step_boundary(self, progress: EpochProgress, seconds: float,
+                         totals: Callable[[], dict[str, float]] | None = None) -> None:
+        """Between two steps: checkpoint when --checkpoint-every says so, and stop on SIGTERM/SIGINT.
+
+        ``seconds``: training time of this sitting so far; ``totals``: the epoch's summed figures when
+        they are not ``progress.totals`` (the pipeline keeps its own).
+        """
+        if progress.steps_done >= self.steps_per_epoch:
+            return  # the epoch's end checkpoints and looks at signals itself
+        decision = self.parallel.agree((int(self.checkpoint_due(progress)), self.stop.signum), progress.steps_done)
+        if decision is None:
+            return
+        checkpoint, signum = decision
+        if checkpoint or signum:
+            saved = EpochProgress(progress.epoch, progress.steps_done,
+                                  totals() if totals is not None else dict(progress.totals), progress.seconds + seconds)
+            self._save_checkpoint(saved)
+        if signum:
+            raise Interrupted.at_step(signum, progress.epoch + 1, progress.steps_done, self.config.resume_hint)
+
+    def checkpoint_due(self, progress: EpochProgress) -> bool:
+        every = self.checkpoint_every
+        if self.out_dir is None:
+            return False
+        if every.steps is not None:
+            return (progress.epoch * self.steps_per_epoch + progress.steps_done) % every.steps == 0
+        return every.seconds is not None and time.monotonic() - self.last_checkpoint >= every.seconds
 
     def learning_rates(self) -> list[float]:
         """The learning rate of every optimiser (the first group's): what the next epoch uses."""
@@ -297,14 +388,15 @@ class Trainer:
         """Whether the test split is evaluated after ``epoch`` (0-based): every --eval-every, and the last."""
         return (epoch + 1) % self.config.eval_every == 0 or epoch + 1 == self.config.epochs
 
-    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
-        """The sample indices of every step of ``epoch``, in order (the same in every process)."""
+    def epoch_batches(self, epoch: int, first_step: int = 0) -> list[torch.Tensor]:
+        """The sample indices of every step of ``epoch`` from ``first_step`` on, in order (the same in every process)."""
         order = epoch_order(self.source.train_size, self.config.seed, epoch).to(self.device)
-        return list(order.split(self.config.batch_size))
+        return list(order.split(self.config.batch_size))[first_step:]
 
-    def training_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(x, y) of every step of ``epoch``, augmented: the same in every process."""
-        for step, (x, y) in enumerate(self.source.train_batches(self.epoch_batches(epoch))):
+    def training_batches(self, epoch: int, first_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x, y) of every step of ``epoch`` from ``first_step`` on, augmented: the same in every process."""
+        batches = self.source.train_batches(self.epoch_batches(epoch, first_step))
+        for step, (x, y) in enumerate(batches, start=first_step):
             yield self.augmented(x, epoch, step), y
 
     def augmented(self, x: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
@@ -313,17 +405,19 @@ class Trainer:
         generator = torch.Generator(device=x.device).manual_seed(augment_seed(self.config.seed, epoch, step))
         return augment_batch(x, self.augment, generator, self.black)
 
-    def progress_bar(self, epoch: int, steps: int) -> tqdm:
-        return tqdm(range(steps), desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch",
+    def progress_bar(self, epoch: int, steps: int, done: int = 0) -> tqdm:
+        """A bar over the epoch's steps, ``done`` of them already (a resumed epoch); call ``update()`` per step."""
+        return tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="batch",
                     disable=not (self.config.progress and self.parallel.writer) or None, leave=False,
                     file=sys.stderr)
 
-    def train_epoch(self, epoch: int) -> None:
-        steps = self.steps_per_epoch
-        totals: dict[str, float] = defaultdict(float)
-        bar = self.progress_bar(epoch, steps)
+    def train_epoch(self, progress: EpochProgress) -> None:
+        epoch, steps = progress.epoch, self.steps_per_epoch
+        totals = defaultdict(float, progress.totals)
+        progress.totals = totals
+        bar = self.progress_bar(epoch, steps, progress.steps_done)
         start = time.perf_counter()
-        for step, (x, y) in zip(bar, self.training_batches(epoch)):
+        for step, (x, y) in zip(range(progress.steps_done, steps), self.training_batches(epoch, progress.steps_done)):
             stats = self.parallel.step(self, x, y)
             if not math.isfinite(stats["loss"]):
                 raise Diverged(epoch + 1, step + 1, "the loss")
@@ -331,9 +425,14 @@ class Trainer:
                 totals[key] += value
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            bar.update()
+            progress.steps_done = step + 1
+            self.at_step_boundary(progress, time.perf_counter() - start)
+        bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.record_epoch(epoch, time.perf_counter() - start, {k: v / steps for k, v in totals.items()})
+        seconds = progress.seconds + time.perf_counter() - start
+        self.record_epoch(epoch, seconds, {k: v / steps for k, v in totals.items()})
 
     @property
     def steps_per_epoch(self) -> int:
@@ -393,38 +492,65 @@ class Trainer:
 
     def _fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed by this run (not where the data lives, nor the command)."""
-        return {"train": {k: v for k, v in asdict(self.config).items() if k not in ("progress", "eval_batch_size")},
+        return {"train": {k: v for k, v in asdict(self.config).items() if k not in LOOP_ONLY},
                 "run": {k: v for k, v in self.run_info.items() if k not in ("command", "data_root")}}
 
-    def _save_checkpoint(self) -> None:
+    def _save_checkpoint(self, progress: EpochProgress | None) -> None:
+        """Every process calls this (the layout may gather state); the writer writes, atomically.
+
+        ``progress``: the epoch under way for a mid-epoch checkpoint, None at an epoch's end.
+        """
+        extra = self.parallel.checkpoint_extra(self, progress)
+        self.last_checkpoint = time.monotonic()
         if self.out_dir is None or not self.parallel.writer:
             return
         state = {"epochs_done": self.epochs_done, "fingerprint": json.dumps(self._fingerprint(), sort_keys=True),
                  "rule": self.rule.checkpoint_state(), "history": dict(self.history),
                  "schedulers": [s.state_dict() if s is not None else None for s in self.schedulers],
-                 "torch_rng": torch.get_rng_state()}
+                 "torch_rng": torch.get_rng_state(), "parallel": extra,
+                 "epoch_progress": progress.state() if progress is not None else None}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         atomic_write_bytes(self.out_dir / CHECKPOINT, lambda handle: torch.save(state, handle))
 
-    def _load_checkpoint(self) -> None:
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint in out_dir, checked to be whole and of this run (None when there is none)."""
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             if self.parallel.writer:
                 print(f"no checkpoint in {self.out_dir}; starting from epoch 1", file=sys.stderr)
-            return
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        if not _same_run(json.loads(state["fingerprint"]), self._fingerprint()):
+            return None
+        state = load_checkpoint(path, self.device)
+        try:
+            saved = json.loads(state["fingerprint"])
+        except (TypeError, ValueError):
+            raise UserError(f"{path} is not a localcredit training checkpoint; use another --out") from None
+        if not _same_run(saved, self._fingerprint()):
             raise UserError(f"the checkpoint in {self.out_dir} was made with other options; "
                             f"use another --out or the same options to resume")
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> EpochProgress | None:
+        """Load a checkpoint's state; the epoch it stopped in, when it stopped mid-epoch."""
         self.rule.load_checkpoint_state(state["rule"])
-        for scheduler, saved in zip(self.schedulers, state.get("schedulers", []), strict=False):
-            if scheduler is not None and saved is not None:
-                scheduler.load_state_dict(saved)
+        for scheduler, saved_schedule in zip(self.schedulers, state.get("schedulers", []), strict=False):
+            if scheduler is not None and saved_schedule is not None:
+                scheduler.load_state_dict(saved_schedule)
         self.history = defaultdict(list, {k: list(v) for k, v in state["history"].items()})
         self.epochs_done = min(state["epochs_done"], self.config.epochs)
         torch.set_rng_state(state["torch_rng"].cpu())
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        self.parallel.load_checkpoint_extra(self, state.get("parallel") or {})
+        progress = state.get("epoch_progress")
+        return EpochProgress(**progress) if progress else None
 
 
 def _same_run(saved: dict[str, Any], current: dict[str, Any]) -> bool:
     # --epochs may grow on resume (train a finished run further); nothing else may change.
-    strip = lambda fp: {"train": {**fp["train"], "epochs": None}, "run": {**fp["run"], "epochs": None}}  # noqa: E731
-    return strip(saved) == strip(current)
+    def strip(fp: dict[str, Any]) -> dict[str, Any]:
+        return {"train": {**fp["train"], "epochs": None}, "run": {**fp["run"], "epochs": None}}
+    try:
+        return strip(saved) == strip(current)
+    except (KeyError, TypeError):  # a fingerprint of another shape: not this run's
+        return False

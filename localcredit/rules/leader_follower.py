@@ -137,10 +137,15 @@ class LeaderFollowerLocal(LocalLossRule):
         return log
 
     def extra_state(self) -> dict[str, Any]:
-        return {"leader_frequency_log": self._close_epoch()}
+        # The epoch under way stays open (its counts so far), so a run resumed in its middle goes on counting.
+        return {"leader_frequency_log": self.leader_frequency_log, "leader_counts": self.leader_counts.tolist(),
+                "counted_samples": self.counted_samples}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.leader_frequency_log = state.get("leader_frequency_log", [])
+        if "leader_counts" in state:
+            self.leader_counts.copy_(torch.tensor(state["leader_counts"], dtype=self.leader_counts.dtype))
+            self.counted_samples = int(state["counted_samples"])
 
     def statistics(self) -> dict[str, Any]:
         return leadership_statistics(self._close_epoch(), self.config.leaders, self.config.workers)

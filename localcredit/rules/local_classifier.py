@@ -227,10 +227,13 @@ class LocalRandomClassifiers(LocalLossRule):
         return {"training_layers_per_epoch": self.schedule_log}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"schedule_log": self.schedule_log}
+        # active_layers too: a run resumed in the middle of an epoch does not start that epoch again.
+        return {"schedule_log": self.schedule_log, "active_layers": sorted(self.active_layers)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.schedule_log = [list(layers) for layers in state.get("schedule_log", [])]
+        if "active_layers" in state:
+            self.active_layers = set(state["active_layers"])
 
 
 @register("local-learned")
