@@ -29,10 +29,13 @@ error, and the launcher ends the others, so a failure never becomes a hang.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -50,7 +53,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import rules
 from .errors import UserError
 from .rules.base import Rule
-from .train import Diverged, Parallelism, Trainer
+from .runfiles import STOP_SIGNALS, Interrupted, keep_stop_signals, noted_stop_signal
+from .train import AGREE_EVERY, Diverged, EpochProgress, Parallelism, Trainer
 
 DEFAULT_TIMEOUT_S = 120.0
 #: A bucket of the gradient all-reduce; a 784-1000-1000-10 MLP fits in one.
@@ -171,8 +175,9 @@ def spawn(launch: Launch, fn: RankMain, *args: Any) -> int:
     context = mp.start_processes(_spawned_main, args=(launch, store.port, fn, args), nprocs=launch.procs,
                                  join=False, start_method="spawn")
     try:
-        while not context.join():
-            pass
+        with _forwarding_stop_signals(context, store):
+            while not context.join():
+                pass
     except mp.ProcessExitedException as exc:
         if exc.signal_name:
             print(f"localcredit: error: rank {exc.error_index} was ended by {exc.signal_name}", file=sys.stderr)
@@ -184,13 +189,53 @@ def spawn(launch: Launch, fn: RankMain, *args: Any) -> int:
     return 0
 
 
+#: Set in the launcher's store when a stop signal reached the launcher (see _end_unless_a_stop).
+STOP_KEY = "localcredit/stop"
+#: How long a spawned process waits before it asks the launcher whether a signal was a stop.
+STOP_CONFIRM_S = 1.0
+
+
+@contextlib.contextmanager
+def _forwarding_stop_signals(context: Any, store: dist.TCPStore):
+    """SIGTERM/SIGINT sent to the launcher reach every process, which stops cleanly (a scheduler may
+    signal only the process it started); the launcher itself waits for them instead of dying."""
+    def forward(signum: int, frame: Any) -> None:
+        store.set(STOP_KEY, str(signum))
+        for pid in context.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    with contextlib.ExitStack() as restore:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                restore.callback(signal.signal, sig, signal.signal(sig, forward))
+        yield
+
+
 def _spawned_main(index: int, launch: Launch, port: int, fn: RankMain, args: tuple) -> None:
     from tqdm import tqdm
 
     # tqdm's default lock is a multiprocessing semaphore; a process ended by the launcher could not
     # release it, and Python would warn about a leaked semaphore at exit. A thread lock suffices here.
     tqdm.set_lock(threading.RLock())
+    keep_stop_signals(hook=lambda signum: threading.Thread(target=_end_unless_a_stop, args=(signum, port, launch),
+                                                           daemon=True).start())
     sys.exit(run_rank(launch, fn, *args, rank=index, store_port=port))
+
+
+def _end_unless_a_stop(signum: int, port: int, launch: Launch) -> None:
+    """In a spawned process that got SIGTERM/SIGINT: was it a stop (it reached the launcher too), or the
+    launcher ending the run because another process failed? A stop is left to the Trainer (a clean
+    stop at the next agreed step); after a failure this process ends at once, saying nothing: the
+    process that failed has said what happened."""
+    time.sleep(STOP_CONFIRM_S)  # a signal to the whole group reaches the launcher at the same moment
+    try:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=5))
+        if store.check([STOP_KEY]):
+            return
+    except Exception:  # noqa: BLE001 -- the launcher is gone: the run is over either way
+        pass
+    os._exit(128 + signum)
 
 
 def run_rank(launch: Launch, fn: RankMain, *args: Any, rank: int | None = None, store_port: int | None = None) -> int:
@@ -202,13 +247,14 @@ def run_rank(launch: Launch, fn: RankMain, *args: Any, rank: int | None = None, 
     rank = int(os.environ["RANK"]) if rank is None else rank
     try:
         place = join_group(launch, rank, store_port)
-        fn(place, *args)
-        # Tear the group down together: a pipeline process that finished (and began to shut down)
-        # while process 0 was still evaluating was seen to abort in gloo at exit ("terminate called
-        # without an active exception", a few times in a hundred runs); the barrier is meant to keep
-        # any process from exiting while a peer still holds the group.
-        dist.barrier()
-        dist.destroy_process_group()
+        try:
+            fn(place, *args)
+        except Interrupted as exc:  # every process stopped at the same step; process 0 wrote the checkpoint
+            if rank == 0:
+                print(f"localcredit: {exc}", file=sys.stderr, flush=True)
+            _leave_group()
+            return exc.exit_code
+        _leave_group()
         return 0
     except UserError as exc:
         return _report(f"localcredit: error: {exc}", 2, consequence=rank != 0)
@@ -220,6 +266,15 @@ def run_rank(launch: Launch, fn: RankMain, *args: Any, rank: int | None = None, 
             return _report(message, 1, consequence=True)
         message = f"localcredit: error: rank {rank} failed: {type(exc).__name__}: {_first_line(str(exc))}"
         return _report(message, 1, consequence=False)
+
+
+def _leave_group() -> None:
+    # Tear the group down together: a pipeline process that finished (and began to shut down)
+    # while process 0 was still evaluating was seen to abort in gloo at exit ("terminate called
+    # without an active exception", a few times in a hundred runs); the barrier is meant to keep
+    # any process from exiting while a peer still holds the group.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def join_group(launch: Launch, rank: int, store_port: int | None = None) -> Rank:
@@ -240,6 +295,8 @@ def join_group(launch: Launch, rank: int, store_port: int | None = None) -> Rank
 def _report(message: str, code: int, consequence: bool) -> int:
     if consequence:
         time.sleep(REPORT_DELAY_S)
+        if noted_stop_signal():  # the launcher is ending the run (it signalled us): the cause is reported
+            return code
     print(message, file=sys.stderr, flush=True)
     return code
 
@@ -312,16 +369,77 @@ def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
 
 
 # ----- data parallel ---------------------------------------------------------------------------
-class DataParallel(Parallelism):
-    """Every process runs the whole rule on its share of each global batch; updates are averaged."""
+class _Agreeing(Parallelism):
+    """What both layouts share: deciding together, between steps, whether to checkpoint or stop, and
+    each process's own part of a checkpoint.
+
+    A signal may reach the processes at different steps, and only process 0's clock counts for
+    --checkpoint-every, so every AGREE_EVERY steps each process posts what it wants (checkpoint?
+    signal?) in an asynchronous MAX all-reduce and reads the previous one's outcome: every process
+    acts on the same outcome at the same step, and no process waits (the pipeline's stages stay
+    decoupled). A stop is seen at most 2 * AGREE_EVERY steps after the signal.
+    """
 
     def __init__(self, place: Rank, backend: str):
         self.place, self.backend = place, backend
         self.writer = place.rank == 0
+        self._pending: tuple[torch.Tensor, Any] | None = None
+
+    def _post(self, wants: tuple[int, int]) -> None:
+        flags = torch.tensor(wants, dtype=torch.int64, device=self.place.device)
+        self._pending = (flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True))
+
+    def _outcome(self) -> tuple[int, int]:
+        if self._pending is None:
+            return (0, 0)
+        flags, work = self._pending
+        self._pending = None
+        work.wait(self.place.timeout)
+        checkpoint, signum = flags.tolist()
+        return int(checkpoint), int(signum)
+
+    def agree(self, wants: tuple[int, int], steps_done: int) -> tuple[int, int] | None:
+        if steps_done % AGREE_EVERY:
+            return None
+        decided = self._outcome()
+        if not decided[1]:  # a stop ends the polling here, in every process alike
+            self._post((0 if decided[0] else wants[0], wants[1]))  # a checkpoint decided now is not wanted again
+        return decided
+
+    def settle(self, wants: tuple[int, int]) -> tuple[int, int]:
+        earlier = self._outcome()
+        self._post(wants)
+        now = self._outcome()
+        return max(earlier[0], now[0]), max(earlier[1], now[1])
+
+    def checkpoint_extra(self, trainer: Trainer, progress: EpochProgress | None) -> dict[str, Any]:
+        # Every process's own random stream (dropout draws differ between processes), by rank.
+        own = {"torch_rng": torch.get_rng_state()}
+        gathered: list[Any] = [None] * self.place.world
+        dist.all_gather_object(gathered, own)
+        return {"ranks": gathered}
+
+    def load_checkpoint_extra(self, trainer: Trainer, extra: dict[str, Any]) -> None:
+        ranks = extra.get("ranks") or []
+        if len(ranks) == self.place.world:  # resumed with another process count: process 0's stream it is
+            torch.set_rng_state(ranks[self.place.rank]["torch_rng"].cpu())
+
+
+class DataParallel(_Agreeing):
+    """Every process runs the whole rule on its share of each global batch; updates are averaged."""
+
+    def __init__(self, place: Rank, backend: str):
+        super().__init__(place, backend)
         self._share = 1.0 / place.world
+        self._own_statistics: list[torch.Tensor] | None = None  # from a mid-epoch checkpoint
 
     def attach(self, trainer: Trainer) -> None:
         broadcast_state(trainer.rule)
+        if self._own_statistics is not None:  # the broadcast gave every process process 0's statistics
+            with torch.no_grad():
+                for buffer, saved in zip(_float_buffers(trainer.rule), self._own_statistics, strict=True):
+                    buffer.copy_(saved)
+            self._own_statistics = None
         if self.average not in trainer.rule.gradient_hooks:
             trainer.rule.gradient_hooks.append(self.average)
 
@@ -350,8 +468,27 @@ class DataParallel(Parallelism):
     def finish_epoch(self, trainer: Trainer) -> None:
         average_statistics(trainer.rule)
 
+    def checkpoint_extra(self, trainer: Trainer, progress: EpochProgress | None) -> dict[str, Any]:
+        extra = super().checkpoint_extra(trainer, progress)
+        if progress is not None:  # mid-epoch, each process's batch-norm statistics are still its own
+            statistics: list[Any] = [None] * self.place.world
+            dist.all_gather_object(statistics, [b.cpu() for b in _float_buffers(trainer.rule)])
+            for entry, buffers in zip(extra["ranks"], statistics):
+                entry["buffers"] = buffers
+        return extra
+
+    def load_checkpoint_extra(self, trainer: Trainer, extra: dict[str, Any]) -> None:
+        super().load_checkpoint_extra(trainer, extra)
+        ranks = extra.get("ranks") or []
+        if len(ranks) == self.place.world and "buffers" in ranks[self.place.rank]:
+            self._own_statistics = ranks[self.place.rank]["buffers"]  # applied after attach's broadcast
+
     def describe(self) -> dict[str, Any]:
         return {"mode": "data", "procs": self.place.world, "backend": self.backend}
+
+
+def _float_buffers(rule: Rule) -> list[torch.Tensor]:
+    return [b for b in rule.net.buffers() if b.is_floating_point()]
 
 
 def average_statistics(rule: Rule) -> None:
@@ -361,7 +498,7 @@ def average_statistics(rule: Rule) -> None:
     torch runs on GPUs only), so each kept its own running estimates; after the average every
     process evaluates, checkpoints and resumes the same network.
     """
-    buffers = [b for b in rule.net.buffers() if b.is_floating_point()]
+    buffers = _float_buffers(rule)
     if not buffers:
         return
     with torch.no_grad():
@@ -421,8 +558,9 @@ def grouped_partition(costs: Sequence[float], groups: Sequence[range], parts: in
 class Inbox:
     """Activations from the previous stage, with receives posted ahead of use."""
 
-    def __init__(self, src: int, shapes: list[tuple[int, ...]], dtype: torch.dtype, place: Rank):
+    def __init__(self, src: int, shapes: list[tuple[int, ...]], dtype: torch.dtype, place: Rank, first_step: int = 0):
         self.src, self.shapes, self.dtype, self.place = src, shapes, dtype, place
+        self.first_step = first_step  # a resumed epoch starts at this step
         self.pending: deque[tuple[torch.Tensor, Any]] = deque()
         self.posted = 0
         for _ in range(RECEIVE_AHEAD):
@@ -432,7 +570,7 @@ class Inbox:
         if self.posted < len(self.shapes):
             buffer = torch.empty(self.shapes[self.posted], dtype=self.dtype, device=self.place.device)
             # The tag is the micro-batch's step: a message can only land in its own buffer.
-            self.pending.append((buffer, dist.irecv(buffer, src=self.src, tag=self.posted)))
+            self.pending.append((buffer, dist.irecv(buffer, src=self.src, tag=self.first_step + self.posted)))
             self.posted += 1
 
     def take(self) -> torch.Tensor:
@@ -464,12 +602,11 @@ class Outbox:
         work.wait(self.place.timeout)
 
 
-class BlockPipeline(Parallelism):
+class BlockPipeline(_Agreeing):
     """Each process trains a contiguous group of a local rule's layers; activations flow forward only."""
 
     def __init__(self, place: Rank, backend: str):
-        self.place, self.backend = place, backend
-        self.writer = place.rank == 0
+        super().__init__(place, backend)
         self.stages: list[range] = []
         self.costs: list[int] = []
         self.output_shapes: list[tuple[int, ...]] = []
@@ -490,40 +627,60 @@ class BlockPipeline(Parallelism):
         self.stages = grouped_partition(self.costs, rule.layer_groups(), self.place.world)
 
     # ----- one epoch ---------------------------------------------------------------------------
-    def train_epoch(self, trainer: Trainer, epoch: int) -> None:
-        rule, rank = trainer.rule, self.place.rank
+    def train_epoch(self, trainer: Trainer, progress: EpochProgress) -> None:
+        rule, rank, epoch, first = trainer.rule, self.place.rank, progress.epoch, progress.steps_done
         rule.net.train()
         in_use = rule.layers_in_use()
         own = [l for l in self.own if l < in_use]
-        batches = trainer.epoch_batches(epoch)
-        inbox = self._inbox(rule, own, batches, trainer.x_train.dtype)
+        steps = trainer.steps_per_epoch
+        batches = trainer.epoch_batches(epoch, first)
+        inbox = self._inbox(rule, own, batches, trainer.x_train.dtype, first)
         outbox = Outbox(rank + 1, self.place) if rank + 1 < self.place.world and self.stages[rank + 1][0] < in_use else None
-        sums = _EpochSums(self.place.device)
+        sums = _EpochSums(self.place.device, _own_entry(progress.totals, rank, self.place.world))
+        # A stage with no layer in use idles through the steps, only taking part in the decisions.
+        inputs = trainer.training_batches(epoch, first) if own else itertools.repeat((None, None))
+        bar = trainer.progress_bar(epoch, steps, first)
         start = time.perf_counter()
-        for step, (x, y) in zip(trainer.progress_bar(epoch, len(batches)), trainer.training_batches(epoch)):
-            if not own:
-                break  # this stage idles while only the layers below it train
-            h = inbox.take() if inbox is not None else x
-            self._micro_batch(rule, own, h, y, step, outbox, sums)
+        for step, (x, y) in zip(range(first, steps), inputs):
+            if own:
+                h = inbox.take() if inbox is not None else x
+                self._micro_batch(rule, own, h, y, step, outbox, sums)
+            bar.update()
+            progress.steps_done = step + 1
+            trainer.at_step_boundary(progress, time.perf_counter() - start, totals=lambda: self._partial_sums(sums))
+        bar.close()
         if outbox is not None:
             outbox.drain()
         totals, first_bad = sums.reduce(rule)
-        seconds = time.perf_counter() - start  # the reduce waited for the slowest stage
+        seconds = progress.seconds + time.perf_counter() - start  # the reduce waited for the slowest stage
         self._sum_block_counters(rule)
-        if first_bad < len(batches):
+        if first_bad < steps:
             raise Diverged(epoch + 1, int(first_bad) + 1, "the loss")
         if totals["nonfinite_weights"]:
-            raise Diverged(epoch + 1, len(batches), "a weight")
-        stats = {"loss": totals["loss"] / len(batches)}
+            raise Diverged(epoch + 1, steps, "a weight")
+        stats = {"loss": totals["loss"] / steps}
         if totals["head_steps"]:
             stats["head_loss"] = totals["head_loss"] / totals["head_steps"]
         trainer.record_epoch(epoch, seconds, stats)
 
-    def _inbox(self, rule: Rule, own: list[int], batches: list[torch.Tensor], dtype: torch.dtype) -> Inbox | None:
+    def _partial_sums(self, sums: "_EpochSums") -> dict[str, Any]:
+        """Every stage's sums so far, by rank: a resumed stage continues its own (the same float sums)."""
+        gathered: list[Any] = [None] * self.place.world
+        dist.all_gather_object(gathered, sums.own_entry())
+        return {"per_rank": gathered}
+
+    def checkpoint_extra(self, trainer: Trainer, progress: EpochProgress | None) -> dict[str, Any]:
+        if progress is not None:  # mid-epoch: gather every stage's layers and tallies, as an epoch's end does
+            self._sum_block_counters(trainer.rule)
+            self.finish_epoch(trainer)
+        return super().checkpoint_extra(trainer, progress)
+
+    def _inbox(self, rule: Rule, own: list[int], batches: list[torch.Tensor], dtype: torch.dtype,
+               first_step: int) -> Inbox | None:
         if self.place.rank == 0 or not own:
             return None
         shape = self.output_shapes[own[0] - 1]  # the output of the layer below my first
-        return Inbox(self.place.rank - 1, [(len(b), *shape) for b in batches], dtype, self.place)
+        return Inbox(self.place.rank - 1, [(len(b), *shape) for b in batches], dtype, self.place, first_step)
 
     @staticmethod
     def _micro_batch(rule: Rule, own: list[int], h: torch.Tensor, y: torch.Tensor, step: int,
@@ -571,12 +728,17 @@ class BlockPipeline(Parallelism):
 class _EpochSums:
     """An epoch's logged figures of one stage, kept on the device (no sync per step) until the end."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, resumed: list[float] | None = None):
         # float64: an epoch's sum of float32 losses keeps the precision of the single-process log.
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.head_loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.head_steps = torch.zeros((), dtype=torch.float64, device=device)
-        self.first_bad = torch.full((), float("inf"), dtype=torch.float64, device=device)
+        loss, head_loss, head_steps, first_bad = resumed or (0.0, 0.0, 0.0, float("inf"))
+        self.loss = torch.tensor(loss, dtype=torch.float64, device=device)
+        self.head_loss = torch.tensor(head_loss, dtype=torch.float64, device=device)
+        self.head_steps = torch.tensor(head_steps, dtype=torch.float64, device=device)
+        self.first_bad = torch.tensor(first_bad, dtype=torch.float64, device=device)
+
+    def own_entry(self) -> list[float]:
+        """This stage's sums as plain floats (exact: they are float64), for a mid-epoch checkpoint."""
+        return [t.item() for t in (self.loss, self.head_loss, self.head_steps, self.first_bad)]
 
     def add_step(self, step: int, loss: torch.Tensor) -> None:
         self.loss += loss
@@ -596,6 +758,12 @@ class _EpochSums:
         loss, head_loss, head_steps, nonfinite_weights = totals.tolist()
         return ({"loss": loss, "head_loss": head_loss, "head_steps": head_steps,
                  "nonfinite_weights": nonfinite_weights}, self.first_bad.item())
+
+
+def _own_entry(totals: dict[str, Any], rank: int, world: int) -> list[float] | None:
+    """This stage's share of a resumed epoch's sums (None: the epoch starts afresh)."""
+    per_rank = totals.get("per_rank") or []
+    return per_rank[rank] if len(per_rank) == world else None
 
 
 def _layers_state(rule: Rule, layers: range) -> dict[str, Any]:
