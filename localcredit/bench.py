@@ -2,8 +2,9 @@
 
 ``localcredit bench --suite quick|full [--out DIR] [--seeds N]`` plans the runs of a suite,
 executes each as its own ``localcredit train`` process (so every run's peak memory and timing are
-its own, and a killed bench loses at most the epoch in progress: a run with a checkpoint is
-resumed, a run with a final result.json is skipped), then measures what a run's result.json does
+its own, and a killed bench loses at most the steps since a run's last checkpoint: with ``--resume``
+a run with a checkpoint is resumed, a run with a final result.json is skipped; SIGTERM/SIGINT are
+passed on to the running trainings, which checkpoint and stop), then measures what a run's result.json does
 not hold (per-layer alignment with BP of the trained weights; the time and memory of a training
 step, probed one rule at a time so that no other run shares the CPU)
 and writes results.csv, RESULTS.md and plots (``bench_report``).
@@ -27,6 +28,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,19 +43,53 @@ from .bench_plan import (REFERENCE, SUITES, Entry, Run, Suite, default_lr, entri
 from .bench_report import write_report
 from .errors import UserError
 from .experiment import RunSpec, build_rule
+from .runfiles import BENCH_FILES, RUN_FILES, Interrupted, StopRequests, load_checkpoint, read_json
 from .spec import to_argv
 
 # ----- running ---------------------------------------------------------------------------------
-def execute(argv: list[str], folder: Path, threads: int) -> int:
+class Trainings:
+    """The training processes running now, so that a stop signal reaches each of them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopping = 0  # the signal that stops the bench: no new training starts
+
+    def forward(self, signum: int) -> None:
+        self.stopping = self.stopping or signum
+        with self.lock:
+            for process in self.running:
+                process.send_signal(signum)
+
+    def run(self, command: list[str], **kwargs) -> int | None:
+        """The exit code, or None when the bench is stopping and the command was not started."""
+        with self.lock:
+            if self.stopping:
+                return None
+            process = subprocess.Popen(command, **kwargs)
+            self.running.add(process)
+        try:
+            return process.wait()
+        finally:
+            with self.lock:
+                self.running.discard(process)
+
+
+TRAININGS = Trainings()
+
+
+def execute(argv: list[str], folder: Path, threads: int) -> int | None:
     """Run ``localcredit <argv>`` in a fresh process, resuming from a checkpoint if a previous try left one."""
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "checkpoint.pt").exists():
         argv = [*argv, "--resume"]
+    elif any((folder / name).exists() for name in RUN_FILES):
+        argv = [*argv, "--overwrite"]  # an unfinished try that left no checkpoint (killed in its first steps)
     with open(folder / "log.txt", "a") as log:
         log.write("$ localcredit " + " ".join(argv) + "\n")
         log.flush()
-        return subprocess.run([sys.executable, "-m", "localcredit", *argv], stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode
+        return TRAININGS.run([sys.executable, "-m", "localcredit", *argv], stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
 def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: int, progress: bool,
@@ -66,15 +102,19 @@ def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: i
         bar = tqdm(as_completed(futures), total=len(futures), desc=desc, unit="run", disable=not progress or None,
                    file=sys.stderr)
         for future in bar:
-            if future.result() not in (0, 1):  # 1 = diverged, recorded in its result.json
+            code = future.result()
+            stopped = TRAININGS.stopping and code in (None, 128 + TRAININGS.stopping)
+            if code not in (0, 1) and not stopped:  # 1 = diverged, recorded in its result.json
                 failed.append(futures[future].folder(out))
             bar.set_postfix_str(futures[future].entry.label)
+    if TRAININGS.stopping:
+        raise Interrupted(TRAININGS.stopping, "every running training wrote its checkpoint")
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed; see log.txt in {failed[0]}")
     return len(todo), len(runs) - len(todo)
 
 
-def train_one(run: Run, suite: Suite, out: Path, threads: int) -> int:
+def train_one(run: Run, suite: Suite, out: Path, threads: int) -> int | None:
     code = execute(train_arguments(run, suite, out, threads), run.folder(out), threads)
     if run.stage == "tune" and is_finished(read_result(run.folder(out))):
         # Only the validation accuracy of a tuning run is used; its weights would fill the disk
@@ -144,22 +184,20 @@ ALIGNMENT = "alignment.json"
 
 def measure_alignment(run: Run, suite: Suite, out: Path, datasets: dict) -> dict:
     """Per-layer cosine with BP at initialisation and with the trained weights, on one fixed batch."""
-    import torch
-
     from .align import alignment
     from .train import CHECKPOINT, epoch_order
 
     folder = run.folder(out)
     path = folder / ALIGNMENT
     if path.exists():
-        return json.loads(path.read_text())
+        return read_json(path, "alignment file")
     data = datasets[run.data]
     rule = build_rule(spec_of(run, suite), data)
     n_train = min(len(data.x_train), suite.limit_train or len(data.x_train))
     index = epoch_order(n_train, run.seed, 0)[:suite.align_batch]
     x, y = data.x_train[index], data.y_train[index]
     at_init = alignment(rule, x, y)
-    checkpoint = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(folder / CHECKPOINT, "cpu")
     rule.load_checkpoint_state(checkpoint["rule"])
     payload = {"batch": len(index), "init": at_init, "final": alignment(rule, x, y)}
     path.write_text(json.dumps(payload) + "\n")
@@ -174,7 +212,7 @@ def probe(entry: Entry, data: str, suite: Suite, out: Path) -> dict:
     """Step time and memory of an entry, measured alone in a fresh process (``localcredit.probe``), one thread."""
     path = probe_file(entry, out)
     if path.exists():
-        return json.loads(path.read_text())
+        return read_json(path, "probe file")
     spec = RunSpec(rule=entry.rule, data=data, **asdict(entry_network(entry, suite)), batch_size=suite.batch_size)
     command = [sys.executable, "-m", "localcredit.probe", *to_argv(spec), "--threads", "1"]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -196,6 +234,9 @@ class BenchOptions:
     threads: int = 1
     progress: bool = True
     command: str = ""
+    resume: bool = False
+    overwrite: bool = False
+    resume_hint: str = ""
 
 
 def check_options(options: BenchOptions) -> None:
@@ -209,6 +250,21 @@ def check_options(options: BenchOptions) -> None:
         rules.get(name)  # unknown names raise UserError listing the available ones
     if not options.rule_names:
         raise UserError("--rules selects no rule")
+    if options.resume and options.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one of them")
+
+
+def claim_bench_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder that holds a bench's runs or report unless --resume or --overwrite says what to do."""
+    held = [out / name for name in BENCH_FILES if (out / name).exists()]
+    held += [path for name in RUN_FILES for path in out.glob(f"**/{name}")] if out.is_dir() else []
+    if not held or resume:
+        return
+    if not overwrite:
+        raise UserError(f"{out} already holds a bench ({held[0].relative_to(out)}); pass --resume to continue it "
+                        f"(finished runs are kept) or --overwrite to run it all again")
+    for path in held:
+        path.unlink(missing_ok=True)
 
 
 def run_bench(options: BenchOptions) -> dict:
@@ -220,6 +276,7 @@ def run_bench(options: BenchOptions) -> dict:
     chosen = entries(options.rule_names, suite.arch)
     validate_suite(suite, chosen)
     datasets = {name: load(name) for name in suite.datasets}  # missing data fails here, before any run
+    claim_bench_dir(out, options.resume, options.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     stage = dict(suite=suite, out=out, workers=options.workers, threads=options.threads, progress=options.progress)
     trained = []
@@ -227,9 +284,14 @@ def run_bench(options: BenchOptions) -> dict:
     def train(runs: list[Run], desc: str) -> None:
         trained.append(run_stage(runs, desc=desc, **stage)[0])
 
-    learning_rates, tune_runs = tune(suite, chosen, out, lambda runs: train(runs, "tuning (validation split)"))
-    final = final_runs(suite, chosen, learning_rates)
-    train(final, "final runs (test split)")
+    TRAININGS.stopping = 0
+    try:
+        with StopRequests(on_signal=TRAININGS.forward):
+            learning_rates, tune_runs = tune(suite, chosen, out, lambda runs: train(runs, "tuning (validation split)"))
+            final = final_runs(suite, chosen, learning_rates)
+            train(final, "final runs (test split)")
+    except Interrupted as exc:
+        raise Interrupted(exc.signum, "every running training wrote its checkpoint", options.resume_hint) from None
     finished_runs = [run for run in final if read_result(run.folder(out)).get("status") == "ok"]
     # One at a time, after the runs: a probe's timing must not share the CPU with anything of ours.
     probes = {e: probe(e, suite.datasets[0], suite, out)

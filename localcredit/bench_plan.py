@@ -6,7 +6,6 @@ needs the other to know what a run is.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,7 +16,7 @@ from .data.sources import VALIDATION_PREFIX
 from .errors import UserError
 from .experiment import RunSpec
 from .spec import to_argv
-from .train import RESULT
+from .runfiles import RESULT, read_json
 
 #: The rule every other is compared with (ratios, the extra reference runs on special networks).
 REFERENCE = "bp"
@@ -157,8 +156,9 @@ def validate_suite(suite: Suite, chosen: Sequence[Entry], input_shape: tuple[int
 
 
 def read_result(folder: Path) -> dict | None:
+    """A run's result.json (None before it has one); a damaged one is a one-line UserError naming it."""
     path = folder / RESULT
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if path.exists() else None
 
 
 def is_finished(result: dict | None) -> bool:

@@ -21,6 +21,7 @@ from .errors import UserError
 from .data.streaming import StreamedDataset
 from .experiment import (RunSpec, default_out_dir, fit, prepare, read_config, resolve_device, run_info, samples,
                          spec_from)
+from .runfiles import Interrupted, claim_out_dir, parse_checkpoint_every
 from .train import Diverged, Parallelism, TrainSpec, epoch_order
 
 
@@ -93,16 +94,35 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     return prepare_all(install_apt=not args.no_install)
 
 
+def _add_output_options(parser: argparse.ArgumentParser, default: str, can_resume: bool = True) -> None:
+    """--out, and how to treat an --out that already holds a run: --resume / --overwrite."""
+    parser.add_argument("--out", default=None, help=f"output folder (default {default})")
+    if can_resume:
+        parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in --out (without this or --resume, an --out that holds a run is refused)")
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run: the same one, with --resume instead of --overwrite."""
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return "localcredit " + shlex.join([*kept, "--resume"])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     launch = distributed.plan(args.procs, args.parallel, resolve_device(args.device), args.dist_timeout)
     # One thread per process by default: K processes share the machine's cores.
     _set_threads(args.threads if args.threads is not None or not launch.distributed else 1)
     spec = _spec(args)
+    parse_checkpoint_every(args.checkpoint_every)
     data, rule = prepare(spec)
     if launch.distributed and isinstance(data, StreamedDataset):
         raise UserError(f"--procs needs data that fits in memory; {spec.data} is streamed from disk")
     train_samples = min(spec.limit_train or len(data.y_train), len(data.y_train))
     distributed.check_run(launch, rule, train_samples, spec.batch_size)
+    # Checked here, before any process joins a group, by every torchrun process (only process 0 removes).
+    claim_out_dir(args.out or default_out_dir(spec), args.resume, args.overwrite,
+                  remove=not launch.torchrun or os.environ.get("RANK", "0") == "0")
     if launch.spawns:  # every check passed: nothing a process could refuse is left
         del data, rule
         return distributed.spawn(launch, _train_rank, args, launch)
@@ -124,7 +144,9 @@ def _train(args: argparse.Namespace, spec: RunSpec, prepared: tuple, parallel: P
     out = args.out or default_out_dir(spec)
     with _flushing_subnormals(args.flush_denormal):
         result = fit(spec, out=out, resume=args.resume, device=device, progress=not args.quiet,
-                     command="localcredit " + shlex.join(args.argv), prepared=prepared, parallel=parallel)
+                     command="localcredit " + shlex.join(args.argv), prepared=prepared, parallel=parallel,
+                     overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
+                     resume_hint=_resume_command(args.argv))
     if not parallel.writer:
         return
     seconds = result["seconds_per_epoch"]
@@ -175,8 +197,9 @@ def cmd_continual(args: argparse.Namespace) -> int:
         raise UserError(f"continual learning needs data that fits in memory; {spec.data} is streamed from disk")
     stream = make_stream(data, args.scenario, args.tasks, seed=spec.seed)
     rule = build_rule(spec, data)
-    matrix = continual.run_stream(rule, stream, train_config(spec, progress=not args.quiet))
     out = Path(args.out or f"runs/continual/{args.scenario}/{default_out_dir(spec).split('/', 1)[1]}")
+    claim_out_dir(out, False, args.overwrite, can_resume=False)
+    matrix = continual.run_stream(rule, stream, train_config(spec, progress=not args.quiet))
     result = {**run_info(spec, rule), "scenario": args.scenario, "tasks": args.tasks,
               "epochs_per_task": spec.epochs,
               "task_classes": [task.classes for task in stream], **continual.summarise(matrix),
@@ -197,8 +220,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     workers = max(1, min(4, cores)) if args.workers is None else args.workers
     threads = max(1, cores // max(workers, 1)) if args.threads is None else args.threads
     options = BenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
-                           workers=workers, threads=threads,
-                           progress=not args.quiet, command="localcredit " + shlex.join(args.argv))
+                           workers=workers, threads=threads, resume=args.resume, overwrite=args.overwrite,
+                           progress=not args.quiet, command="localcredit " + shlex.join(args.argv),
+                           resume_hint=_resume_command(args.argv))
     summary = run_bench(options)
     print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
           f"{options.out}/RESULTS.md, results.csv and {len(summary['files']) - 2} plots")
@@ -224,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one rule on one data set, write result.json")
     _add_run_options(p)
-    p.add_argument("--out", default=None, help="output folder (default runs/<rule>-<data>-seed<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    _add_output_options(p, "runs/<rule>-<data>-seed<seed>")
+    p.add_argument("--checkpoint-every", default="10m", metavar="N|TIME",
+                   help="also checkpoint within an epoch: every N steps (500) or every TIME (10m, 30s, 1h), "
+                        "or off (default %(default)s); checkpoints are always written at an epoch's end")
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default auto: cuda when present)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--procs", type=int, default=None,
@@ -249,13 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.add_argument("--scenario", required=True, help="permuted | split-class | split-task")
     p.add_argument("--tasks", type=int, default=5)
-    p.add_argument("--out", default=None, help="output folder (default runs/continual/<scenario>/<rule>-<data>-seed<s>)")
+    _add_output_options(p, "runs/continual/<scenario>/<rule>-<data>-seed<s>", can_resume=False)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_continual)
 
     p = sub.add_parser("bench", help="run a benchmark suite: every rule x data set x seed -> table and plots")
     p.add_argument("--suite", required=True, help="smoke | quick | full (see docs/bench.md)")
-    p.add_argument("--out", default=None, help="output folder (default runs/bench/<suite>); re-running skips finished runs")
+    _add_output_options(p, "runs/bench/<suite>; with --resume, finished runs are skipped")
     p.add_argument("--seeds", type=int, default=None, help="seeds per rule and data set (default: the suite's)")
     p.add_argument("--rules", default=None, help="comma-separated subset of rules (default: every registered rule)")
     p.add_argument("--workers", type=int, default=None, help="runs at a time (default: CPU cores, at most 4)")
@@ -280,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Diverged as exc:
         print(f"localcredit: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"localcredit: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("localcredit: interrupted", file=sys.stderr)
         return 130
