@@ -11,6 +11,7 @@ import pytest
 
 from localcredit import rules
 from localcredit.architectures import NetSpec
+from localcredit.errors import UserError
 from localcredit.bench import (SUITES, BenchOptions, Entry, Run, Suite, entries, final_runs, initial_grid, run_bench,
                                train_arguments, tune, tuning_runs, validate_suite, widen)
 from localcredit.bench_report import PLOTS
@@ -122,7 +123,11 @@ def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path
 
     results = sorted(tmp_path.glob("runs/**/result.json"))
     stamps = [p.stat().st_mtime_ns for p in results]
-    again = run_bench(options)
+    report_bytes = (tmp_path / "RESULTS.md").read_bytes()
+    with pytest.raises(UserError, match="already holds a bench .*--resume.*--overwrite"):
+        run_bench(options)  # the same command again, without saying what to do with the finished bench
+    assert [p.stat().st_mtime_ns for p in results] == stamps and (tmp_path / "RESULTS.md").read_bytes() == report_bytes
+    again = run_bench(replace(options, resume=True))
     assert again["trained"] == 0 and again["skipped"] == 8
     assert [p.stat().st_mtime_ns for p in results] == stamps
 

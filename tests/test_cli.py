@@ -156,9 +156,9 @@ def test_flush_denormal_flushes_while_training_and_restores_the_default(good_npz
 
     real_fit = Trainer.fit
 
-    def fit(self, resume=False):
+    def fit(self, resume=False, **kwargs):
         seen.append((subnormal * 1.0).item())  # 0 when subnormals are flushed
-        return real_fit(self, resume)
+        return real_fit(self, resume, **kwargs)
 
     monkeypatch.setattr(Trainer, "fit", fit)
     for flag in ([], ["--flush-denormal"]):

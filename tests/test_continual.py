@@ -120,6 +120,11 @@ def test_cli_writes_matrix_metrics_and_heatmap(tmp_path, network):
     assert len(result["accuracy_matrix"]) == 2 and result["forgetting"] is not None
     assert {"average_accuracy", "backward_transfer", "command"} <= set(result)
     assert (out / "accuracy_matrix.png").stat().st_size > 1000
+    if network == ["--hidden", "64"]:  # the same command again must not replace the finished run
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert main(["continual", "--rule", "dfa", "--data", "fashion-mnist", "--scenario", "split-task", "--tasks",
+                     "2", "--limit-train", "2000", *network, "--out", str(out), "--quiet"]) == 2
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize("argv,expect", [
