@@ -174,11 +174,17 @@ def spawn(launch: Launch, fn: RankMain, *args: Any) -> int:
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
     context = mp.start_processes(_spawned_main, args=(launch, store.port, fn, args), nprocs=launch.procs,
                                  join=False, start_method="spawn")
+    stops: list[int] = []
     try:
-        with _forwarding_stop_signals(context, store):
+        with _forwarding_stop_signals(context, store, stops):
             while not context.join():
                 pass
     except mp.ProcessExitedException as exc:
+        if exc.signal_name and stops:  # a stop reached a process before it could keep it: still starting
+            name = signal.Signals(stops[0]).name
+            print(f"localcredit: stopped by {name} while the processes were starting: nothing new to save; "
+                  f"run the same command again (with --resume if --out holds a checkpoint)", file=sys.stderr)
+            return 128 + stops[0]
         if exc.signal_name:
             print(f"localcredit: error: rank {exc.error_index} was ended by {exc.signal_name}", file=sys.stderr)
             return 1
@@ -196,10 +202,11 @@ STOP_CONFIRM_S = 1.0
 
 
 @contextlib.contextmanager
-def _forwarding_stop_signals(context: Any, store: dist.TCPStore):
+def _forwarding_stop_signals(context: Any, store: dist.TCPStore, stops: list[int]):
     """SIGTERM/SIGINT sent to the launcher reach every process, which stops cleanly (a scheduler may
     signal only the process it started); the launcher itself waits for them instead of dying."""
     def forward(signum: int, frame: Any) -> None:
+        stops.append(signum)
         store.set(STOP_KEY, str(signum))
         for pid in context.pids():
             with contextlib.suppress(ProcessLookupError):
