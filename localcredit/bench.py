@@ -48,7 +48,7 @@ from .spec import to_argv
 
 # ----- running ---------------------------------------------------------------------------------
 class Trainings:
-    """The training processes running now, so that a stop signal reaches each of them."""
+    """The processes (trainings, probes) running now, so that a stop signal reaches each of them."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -61,18 +61,24 @@ class Trainings:
             for process in self.running:
                 process.send_signal(signum)
 
-    def run(self, command: list[str], **kwargs) -> int | None:
-        """The exit code, or None when the bench is stopping and the command was not started."""
+    def run(self, command: list[str], **kwargs) -> subprocess.CompletedProcess | None:
+        """The finished process, or None when the bench is stopping and the command was not started."""
         with self.lock:
             if self.stopping:
                 return None
             process = subprocess.Popen(command, **kwargs)
             self.running.add(process)
         try:
-            return process.wait()
+            out, err = process.communicate()
+            return subprocess.CompletedProcess(command, process.returncode, out, err)
         finally:
             with self.lock:
                 self.running.discard(process)
+
+    def check(self) -> None:
+        """Raise Interrupted once a stop signal has come."""
+        if self.stopping:
+            raise Interrupted(self.stopping, "every running training wrote its checkpoint")
 
 
 TRAININGS = Trainings()
@@ -88,8 +94,9 @@ def execute(argv: list[str], folder: Path, threads: int) -> int | None:
     with open(folder / "log.txt", "a") as log:
         log.write("$ localcredit " + " ".join(argv) + "\n")
         log.flush()
-        return TRAININGS.run([sys.executable, "-m", "localcredit", *argv], stdout=log, stderr=subprocess.STDOUT,
+        done = TRAININGS.run([sys.executable, "-m", "localcredit", *argv], stdout=log, stderr=subprocess.STDOUT,
                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        return None if done is None else done.returncode
 
 
 def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: int, progress: bool,
@@ -107,8 +114,7 @@ def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: i
             if code not in (0, 1) and not stopped:  # 1 = diverged, recorded in its result.json
                 failed.append(futures[future].folder(out))
             bar.set_postfix_str(futures[future].entry.label)
-    if TRAININGS.stopping:
-        raise Interrupted(TRAININGS.stopping, "every running training wrote its checkpoint")
+    TRAININGS.check()
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed; see log.txt in {failed[0]}")
     return len(todo), len(runs) - len(todo)
@@ -215,7 +221,9 @@ def probe(entry: Entry, data: str, suite: Suite, out: Path) -> dict:
         return read_json(path, "probe file")
     spec = RunSpec(rule=entry.rule, data=data, **asdict(entry_network(entry, suite)), batch_size=suite.batch_size)
     command = [sys.executable, "-m", "localcredit.probe", *to_argv(spec), "--threads", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = TRAININGS.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    TRAININGS.check()  # a stop ended (or prevented) the probe: nothing of it is written
     if done.returncode != 0:
         raise RuntimeError(f"probing {entry.label} on {data} failed: {done.stderr.strip()[-300:]}")
     payload = {**json.loads(done.stdout.strip().splitlines()[-1]), "data": data}
@@ -290,15 +298,18 @@ def run_bench(options: BenchOptions) -> dict:
             learning_rates, tune_runs = tune(suite, chosen, out, lambda runs: train(runs, "tuning (validation split)"))
             final = final_runs(suite, chosen, learning_rates)
             train(final, "final runs (test split)")
+            finished_runs = [run for run in final if read_result(run.folder(out)).get("status") == "ok"]
+            # One at a time, after the runs: a probe's timing must not share the CPU with anything of ours.
+            probes = {e: probe(e, suite.datasets[0], suite, out)
+                      for e in tqdm(chosen, desc="probes (step time, memory)", disable=not options.progress or None,
+                                    file=sys.stderr)}
+            alignments = {}
+            for run in finished_runs:
+                TRAININGS.check()
+                alignments[run] = measure_alignment(run, suite, out, datasets)
+            report = write_report(options, chosen, tune_runs, final, learning_rates, alignments, probes)
     except Interrupted as exc:
         raise Interrupted(exc.signum, "every running training wrote its checkpoint", options.resume_hint) from None
-    finished_runs = [run for run in final if read_result(run.folder(out)).get("status") == "ok"]
-    # One at a time, after the runs: a probe's timing must not share the CPU with anything of ours.
-    probes = {e: probe(e, suite.datasets[0], suite, out)
-              for e in tqdm(chosen, desc="probes (step time, memory)", disable=not options.progress or None,
-                            file=sys.stderr)}
-    alignments = {run: measure_alignment(run, suite, out, datasets) for run in finished_runs}
-    report = write_report(options, chosen, tune_runs, final, learning_rates, alignments, probes)
     return {"trained": sum(trained), "skipped": len(tune_runs) + len(final) - sum(trained), **report}
 
 
