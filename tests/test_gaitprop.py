@@ -14,7 +14,7 @@ from localcredit.invertible import (Factorisation, InvertibleBlock, InvertibleId
                                     SpaceToDepth, check_invertible, default_width, invertible, invertible_op,
                                     orthogonal_linear, orthogonal_patch_conv)
 from localcredit.nets import BlockNet
-from localcredit.rules.gaitprop import DEFAULT_ADAM_LR, STALE_TOLERANCE
+from localcredit.rules.gaitprop import DEFAULT_ADAM_LR, DEFAULT_ADAM_LR_BY_ARCH, STALE_TOLERANCE
 from localcredit.train import TrainConfig, Trainer
 
 from .rule_contract import RuleContract
@@ -107,6 +107,8 @@ class TestGaitProp(RuleContract):
         assert self.make(fashion_small).optimizers[0].param_groups[0]["lr"] == DEFAULT_ADAM_LR
         spec = RunSpec(rule="gaitprop", data=fashion_small.name, hidden=[64], lr=0.01)
         assert build_rule(spec, fashion_small).optimizers[0].param_groups[0]["lr"] == 0.01
+        conv = build_rule(RunSpec(rule="tp", data=fashion_small.name, arch="invertible-conv"), fashion_small)
+        assert conv.optimizers[0].param_groups[0]["lr"] == DEFAULT_ADAM_LR_BY_ARCH["invertible-conv"]
 
     def test_checkpoint_keeps_step_count(self, fashion_small):
         rule = self.make(fashion_small, hidden=[64])
