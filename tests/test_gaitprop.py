@@ -319,7 +319,8 @@ class TestInvertibleLayers:
             InvertibleBlock(torch.nn.Conv2d(2, 8, 3), InvertibleLeakyReLU())
         with pytest.raises(UserError, match="not an invertible activation"):
             InvertibleBlock(orthogonal_linear(4, 4), torch.nn.ReLU())
-        net = BlockNet([InvertibleBlock(orthogonal_linear(784, 32), InvertibleLeakyReLU(), rearrange=[torch.nn.Flatten()]),
+        first = InvertibleBlock(orthogonal_linear(784, 32), InvertibleLeakyReLU(), rearrange=[torch.nn.Flatten()])
+        net = BlockNet([first,
                         InvertibleBlock(orthogonal_linear(32, 16), InvertibleLeakyReLU())],
                        InvertibleBlock(orthogonal_linear(16, 10), InvertibleIdentity()), (1, 28, 28), 10)
         with pytest.raises(UserError, match="block 1 is not square"):

@@ -169,10 +169,10 @@ class InvertibleTargetRule(Rule):
                                slope: torch.Tensor) -> torch.Tensor:
         """f^{-1}(y + Delta u) - a, exact where a kink is crossed and cancellation-free where not."""
         target = y + delta_u
-        crossed = (target >= 0) != (a >= 0)
         smooth = delta_u / slope
-        if not crossed.any():
+        if (target * a).min() > 0:  # every unit stays strictly on its side of the kink (the usual case)
             return smooth
+        crossed = (target >= 0) != (a >= 0)
         return torch.where(crossed, activation.inverse(target) - a, smooth)
 
     def _solve(self, i: int, block: InvertibleBlock, trace: Trace, delta_a: torch.Tensor) -> torch.Tensor:
