@@ -1,15 +1,18 @@
 """GAIT-prop benchmark: step time against BP on the same invertible network, and alignment over training.
 
-    .venv/bin/python benchmarks/gaitprop.py speed --out results/gaitprop
+    .venv/bin/python benchmarks/gaitprop.py speed --threads 1 --hidden 1000,1000 --out results/gaitprop
+    .venv/bin/python benchmarks/gaitprop.py speed --threads 1 --arch invertible-conv --out results/gaitprop
+    .venv/bin/python benchmarks/gaitprop.py deep-alignment --threads 1 --out results/gaitprop
     .venv/bin/python benchmarks/gaitprop.py alignment --epochs 1 --with-unregularised --out results/gaitprop
     .venv/bin/python benchmarks/gaitprop.py learn --threads 1 bp: gaitprop: gaitprop:3e-4:ortho=1 tp: itp:
 
 ``speed`` alternates one BP step and one step of each GAIT-prop variant on the same batches in one
-process (the CPU is shared, so only ratios taken this way mean anything) and reports medians.
-``learn`` trains each RULE:LR:OPTION:... spec (empty LR: the rule's default) for --epochs on the
-invertible network, like ``localcredit train --arch invertible``, and appends one JSON line each
-to learning.jsonl. ``alignment`` trains gaitprop and records the per-layer cosine with the BP gradient on a fixed
-batch every ``--every`` steps, then plots it.
+process (the CPU is shared, so only ratios taken this way mean anything) and reports medians and means
+(the mean counts the steps that refactorise). ``learn`` trains each RULE:LR:OPTION:... spec (empty LR:
+the rule's default) for --epochs on the invertible network, like ``localcredit train --arch invertible``,
+and appends one JSON line each to learning.jsonl. ``alignment`` trains gaitprop and records the
+per-layer cosine with the BP gradient on a fixed batch every ``--every`` steps, then plots it;
+``deep-alignment`` does the same for a 7-layer invertible MLP and an 8-layer invertible conv net.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -24,21 +28,26 @@ from pathlib import Path
 import torch
 
 from localcredit.align import alignment
+from localcredit.architectures import parse_hidden, parse_patches
 from localcredit.data import load
 from localcredit.experiment import RunSpec, build_rule
 from localcredit.train import epoch_order
 
-BLOCK = 4
 VARIANTS = {  # name -> (rule, --set options)
     "bp": ("bp", []),
-    "gaitprop (default, ortho_every=4)": ("gaitprop", []),
-    "gaitprop ortho_every=1": ("gaitprop", ["ortho_every=1"]),
-    "gaitprop ortho=0": ("gaitprop", ["ortho=0"]),
+    "gaitprop (defaults)": ("gaitprop", []),
+    "gaitprop factorise_every=1 (a fresh LU every step)": ("gaitprop", ["factorise_every=1"]),
+    "gaitprop ortho=0 (no regulariser)": ("gaitprop", ["ortho=0"]),
 }
+WARM_STEPS = 8  # Adam's state, the allocator, and the first factorisations
+
+
+def network(args) -> dict:
+    return {"arch": args.arch, "hidden": args.hidden, "patches": args.patches}
 
 
 def speed(args, data) -> None:
-    rules = {name: build_rule(RunSpec(rule=rule, data=args.data, arch="invertible", options=options), data)
+    rules = {name: build_rule(RunSpec(rule=rule, data=args.data, options=options, **network(args)), data)
              for name, (rule, options) in VARIANTS.items()}
     times: dict[str, list[float]] = {name: [] for name in rules}
     order = epoch_order(len(data.x_train), 0, 0)
@@ -49,27 +58,21 @@ def speed(args, data) -> None:
             start = time.perf_counter()
             rule.step(x, y)
             times[name].append(time.perf_counter() - start)
-    steps_per_epoch = -(-len(data.x_train) // args.batch_size)
-    # Medians over blocks of BLOCK consecutive steps: each block holds exactly one regulariser step
-    # of ortho_every=4, so its amortised cost is counted (a per-step median would skip it).
-    warm = BLOCK  # the first block builds Adam's state and warms the allocator
-
-    def per_step(samples: list[float]) -> float:
-        blocks = [sum(samples[i:i + BLOCK]) / BLOCK for i in range(warm, len(samples) - BLOCK + 1, BLOCK)]
-        return statistics.median(blocks)
-
-    bp = per_step(times["bp"])
+    timed = {name: samples[WARM_STEPS:] for name, samples in times.items()}
+    bp_median, bp_mean = statistics.median(timed["bp"]), statistics.fmean(timed["bp"])
     rows = []
-    for name, samples in times.items():
-        median = per_step(samples)
-        rows.append({"variant": name, "median_step_ms_over_blocks_of_4": round(1000 * median, 2),
-                     "seconds_per_epoch_estimate": round(median * steps_per_epoch, 1),
-                     "ratio_to_bp": round(median / bp, 3)})
+    for name, samples in timed.items():
+        median, mean = statistics.median(samples), statistics.fmean(samples)
+        rows.append({"variant": name, "median_step_ms": round(1000 * median, 2), "mean_step_ms": round(1000 * mean, 2),
+                     "median_ratio_to_bp": round(median / bp_median, 3), "mean_ratio_to_bp": round(mean / bp_mean, 3)})
         print(rows[-1])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps({"reps": args.reps, "batch_size": args.batch_size,
-                                                "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    arch = build_rule(RunSpec(rule="bp", data=args.data, **network(args)), data).net
+    name = f"speed-{arch.arch}-{'-'.join(map(str, arch.hidden or arch.description.get('patches', [])))}.json"
+    (out / name).write_text(json.dumps({"reps": args.reps, "warm_steps": WARM_STEPS, "batch_size": args.batch_size,
+                                        "threads": torch.get_num_threads(), "network": network(args),
+                                        "load_average_1min_after": os.getloadavg()[0], "rows": rows}, indent=2))
 
 
 def alignment_over_training(args, data) -> None:
@@ -122,6 +125,61 @@ def alignment_over_training(args, data) -> None:
     fig.savefig(out / "alignment.png", dpi=120)
 
 
+DEEP_NETWORKS = {  # label -> network options: 7 and 8 weight layers, 6 and 7 of them inverted
+    "invertible MLP 784-6x1024 (7 layers)": dict(arch="invertible", hidden=[1024] * 6),
+    "invertible-conv 7,4,1,1,1,1,1 (8 layers)": dict(arch="invertible-conv", patches=[7, 4, 1, 1, 1, 1, 1]),
+}
+
+
+def deep_alignment(args, data) -> None:
+    """gaitprop with its defaults on each deep network: per-layer cosine with BP every --every steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed = epoch_order(len(data.x_train), 123, 0)[:256]
+    x_fixed, y_fixed = data.x_train[fixed], data.y_train[fixed]
+    records, curves = [], {}
+    for label, net in DEEP_NETWORKS.items():
+        rule = build_rule(RunSpec(rule="gaitprop", data=args.data, **net), data)
+        steps, cosines = [], []
+        order = epoch_order(len(data.x_train), 0, 0)
+        for step, start in enumerate(range(0, len(order), args.batch_size)):
+            if args.max_steps is not None and step > args.max_steps:
+                break
+            if step % args.every == 0:
+                steps.append(step)
+                cosines.append(alignment(rule, x_fixed, y_fixed))
+                records.append({"network": label, "step": step,
+                                **{f"layer{i + 1}": round(c, 6) for i, c in enumerate(cosines[-1])},
+                                "min_cosine": round(min(cosines[-1]), 6),
+                                "max_orthogonality_error": round(max(rule.orthogonality_errors()), 6)})
+                print(records[-1], flush=True)
+            index = order[start:start + args.batch_size]
+            rule.step(data.x_train[index], data.y_train[index])
+        curves[label] = (steps, cosines)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fieldnames = list(dict.fromkeys(key for record in records for key in record))
+    with open(out / "alignment_deep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(records)
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), sharey=True)
+    for ax, (label, (steps, cosines)) in zip(axes, curves.items()):
+        for layer in range(len(cosines[0])):
+            ax.plot(steps, [c[layer] for c in cosines], color=plt.cm.viridis(layer / len(cosines[0])),
+                    label=f"layer {layer + 1}")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel(f"training step (batch {args.batch_size}, Adam, gaitprop defaults, float32)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("cosine with the BP gradient (256 fixed images)")
+    fig.suptitle(f"GAIT-prop per-layer alignment with BP during training ({args.data})")
+    fig.tight_layout()
+    fig.savefig(out / "alignment_deep.png", dpi=110)
+
+
 def learn(args, data) -> None:
     from localcredit.train import TrainConfig, Trainer
 
@@ -144,11 +202,14 @@ def learn(args, data) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["speed", "alignment", "learn"])
+    parser.add_argument("what", choices=["speed", "alignment", "deep-alignment", "learn"])
     parser.add_argument("specs", nargs="*", help="learn: RULE:LR:OPTION=VALUE:... specs")
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=40, help="speed: steps per variant (multiple of 4)")
+    parser.add_argument("--reps", type=int, default=48, help="speed: steps per variant (the first 8 warm up)")
+    parser.add_argument("--arch", default="invertible", help="speed: invertible or invertible-conv")
+    parser.add_argument("--hidden", type=parse_hidden, default=None, help="speed: --hidden of the network")
+    parser.add_argument("--patches", type=parse_patches, default=None, help="speed: --patches of invertible-conv")
     parser.add_argument("--epochs", type=int, default=None, help="default: 1 (alignment), 3 (learn)")
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--max-steps", type=int, default=None, help="alignment: stop after this many steps")
@@ -161,7 +222,8 @@ def main() -> None:
     torch.manual_seed(0)
     if args.epochs is None:
         args.epochs = 3 if args.what == "learn" else 1
-    {"speed": speed, "alignment": alignment_over_training, "learn": learn}[args.what](args, data)
+    {"speed": speed, "alignment": alignment_over_training, "deep-alignment": deep_alignment,
+     "learn": learn}[args.what](args, data)
 
 
 if __name__ == "__main__":

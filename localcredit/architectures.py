@@ -58,6 +58,13 @@ def parse_hidden(text: str) -> list[int]:
     return sizes
 
 
+def parse_patches(text: str) -> list[int]:
+    """``"2,2,1"`` -> [2, 2, 1]: the patch size k of each invertible conv layer."""
+    if not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", text) or any(int(p) < 1 for p in text.split(",")):
+        raise UserError(f"--patches expects comma-separated positive patch sizes like 2,2,1,1, got {text!r}")
+    return [int(p) for p in text.split(",")]
+
+
 @dataclass(kw_only=True)
 class NetSpec:
     """The network of a run: the architecture and its options (None: the architecture's default).
@@ -68,7 +75,7 @@ class NetSpec:
 
     TITLE: ClassVar[str] = "network (docs/networks.md)"
 
-    arch: str | None = option(None, "mlp | conv | lenet | vgg | resnet | invertible "
+    arch: str | None = option(None, "mlp | conv | lenet | vgg | resnet | invertible | invertible-conv "
                                     "(default: the rule's network, mlp for most)")
     hidden: list[int] | None = option(None, "dense hidden sizes, e.g. 1000,1000; 'none' for no dense block "
                                             "(default: 1000 for mlp, 1024 for vgg, 256 for lenet, none for conv/resnet)",
@@ -85,6 +92,10 @@ class NetSpec:
     norm: str | None = option(None, "batch | none: batch norm after every conv/dense layer "
                                     "(default: batch for vgg and resnet, none for mlp, conv and lenet)",
                               check=one_of(*NORMS))
+    patches: list[int] | None = option(None, "invertible-conv: patch size k of each invertible conv layer "
+                                             "(kernel = stride = k, k^2 C_in output channels), e.g. 2,2,1,1 "
+                                             "(default: about sqrt(side), the rest of the map, 1: 7,4,1 for 28x28)",
+                                       parse=parse_patches, metavar="K,K,...")
     dropout: float = option(0.0, "dropout probability after every hidden block (mlp, conv, lenet, vgg)",
                             parse=float, check=lambda p: None if 0 <= p < 1 else f"must be in [0, 1), got {p}")
 

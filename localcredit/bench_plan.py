@@ -139,7 +139,7 @@ def final_runs(suite: Suite, chosen: Sequence[Entry], learning_rates: dict[tuple
 
 
 def default_lr(entry: Entry) -> float:
-    return rules.get(entry.rule).default_lr("adam")
+    return rules.get(entry.rule).default_lr("adam", entry.arch)
 
 
 def initial_grid(entry: Entry, suite: Suite) -> list[float]:

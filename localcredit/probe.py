@@ -2,7 +2,9 @@
 
 :func:`step_time_ms` is the median wall time of ``rule.step`` after warm-up steps, on the threads
 the caller allows: run alone on a quiet machine, it is a cleaner speed figure than epoch times of
-runs that share the CPU. A process's lifetime peak RSS is dominated by the data set and the torch
+runs that share the CPU. The probe prints the mean as well (``ms_per_step_mean``): a rule whose
+steps are not all alike (GAIT-prop refactorises every few steps) has its amortised cost there.
+A process's lifetime peak RSS is dominated by the data set and the torch
 runtime, so it hides the differences between rules; :func:`training_footprint` measures around
 real training steps:
 
@@ -93,16 +95,21 @@ def training_footprint(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.T
             "trainable_parameters": sum(p.numel() for p in rule.parameters() if p.requires_grad)}
 
 
-def step_time_ms(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], warmup: int = 3) -> float:
-    """Median milliseconds of one ``rule.step`` over ``batches`` after ``warmup`` untimed steps."""
+def step_times_ms(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], warmup: int = 3) -> list[float]:
+    """Milliseconds of each ``rule.step`` over ``batches`` after ``warmup`` untimed steps."""
     for x, y in batches[:warmup]:
         rule.step(x, y)
     times = []
     for x, y in batches[warmup:]:
         start = time.perf_counter()
         rule.step(x, y)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        times.append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def step_time_ms(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], warmup: int = 3) -> float:
+    """Median milliseconds of one ``rule.step`` over ``batches`` after ``warmup`` untimed steps."""
+    return statistics.median(step_times_ms(rule, batches, warmup))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -127,10 +134,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     batches = [(data.x_train[i * b:(i + 1) * b], data.y_train[i * b:(i + 1) * b])
                for i in range(args.steps + args.timed_steps)]
     memory = training_footprint(rule, batches[:args.steps])
-    milliseconds = step_time_ms(rule, batches[args.steps:], warmup=0)  # the memory steps warmed it up
+    milliseconds = step_times_ms(rule, batches[args.steps:], warmup=0)  # the memory steps warmed it up
     print(json.dumps({"rule": spec.rule, "arch": rule.net.arch, "batch_size": b, "threads": args.threads,
                       "load_average_1min": os.getloadavg()[0],  # what else used the CPU while it timed
-                      **memory, "ms_per_step": milliseconds, "timed_steps": args.timed_steps}))
+                      **memory, "ms_per_step": statistics.median(milliseconds),
+                      # A rule with periodic work (a refactorisation every k steps) hides it from the median.
+                      "ms_per_step_mean": statistics.fmean(milliseconds), "timed_steps": args.timed_steps}))
 
 
 if __name__ == "__main__":

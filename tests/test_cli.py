@@ -62,6 +62,17 @@ BAD_INPUTS = {
     "bad dropout": (["train", "--rule", "bp", "--data", "fashion-mnist", "--dropout", "1"], "--dropout"),
     "gaitprop on a conv net": (["train", "--rule", "gaitprop", "--data", "fashion-mnist", "--arch", "vgg"],
                                "invertible"),
+    "non-square invertible layers": (["train", "--rule", "gaitprop", "--data", "fashion-mnist", "--arch", "invertible",
+                                      "--hidden", "100,200"], "square"),
+    "patch that does not tile": (["train", "--rule", "gaitprop", "--data", "fashion-mnist", "--arch",
+                                  "invertible-conv", "--patches", "3"], "does not tile"),
+    "bad patches": (["train", "--rule", "gaitprop", "--data", "fashion-mnist", "--patches", "2,x"], "--patches"),
+    "patches on another arch": (["train", "--rule", "gaitprop", "--data", "fashion-mnist", "--patches", "2"],
+                                "--patches does not apply to --arch invertible"),
+    "hidden on invertible-conv": (["align", "--rule", "tp", "--data", "fashion-mnist", "--arch", "invertible-conv",
+                                   "--hidden", "64"], "--hidden does not apply to --arch invertible-conv"),
+    "invertible-conv without leaky relu": (["train", "--rule", "bp", "--data", "fashion-mnist", "--arch",
+                                            "invertible-conv", "--activation", "tanh"], "leaky ReLU"),
     "no command": ([], "required"),
 }
 
@@ -98,6 +109,8 @@ def test_missing_files_exit_2(capsys, tmp_path):
 def test_conv_on_vectors_exits_2(capsys, tmp_path):
     data = write_npz(tmp_path / "vectors.npz", shape=(20,))
     one_line_error(capsys, ["train", "--rule", "bp", "--data", data, "--arch", "conv"], "conv")
+    one_line_error(capsys, ["train", "--rule", "gaitprop", "--data", data, "--arch", "invertible-conv"], "image data")
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("rule", ["bp", "fa", "dfa"])

@@ -215,7 +215,7 @@ class Rule(nn.Module):
         self.config = config if config is not None else self.Config()
         self.optim = optim if optim is not None else OptimConfig()
         if self.optim.lr is None and self.optim.optimizer in DEFAULT_LR:
-            self.optim = dataclasses.replace(self.optim, lr=self.default_lr(self.optim.optimizer))
+            self.optim = dataclasses.replace(self.optim, lr=self.default_lr(self.optim.optimizer, net.arch))
         self.gradient_hooks: list[GradientHook] = []
         self._optimizers: list[torch.optim.Optimizer] | None = None
         self.active_classes: torch.Tensor | None = None  # see restrict_outputs
@@ -238,8 +238,8 @@ class Rule(nn.Module):
         return cls.networks is None or arch in cls.networks
 
     @classmethod
-    def default_lr(cls, optimizer: str) -> float:
-        """The learning rate when --lr is not given (the benchmark tunes around it)."""
+    def default_lr(cls, optimizer: str, arch: str | None = None) -> float:
+        """The learning rate when --lr is not given, on networks of ``arch`` (the benchmark tunes around it)."""
         return DEFAULT_LR[optimizer]
 
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

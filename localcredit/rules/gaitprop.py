@@ -29,25 +29,33 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Literal
 
 import torch
-import torch.nn.functional as F
 
-from .. import invertible  # noqa: F401  (registers --arch invertible whenever rules load)
 from ..errors import UserError
-from ..invertible import is_invertible
+from ..invertible import Factorisation, InvertibleBlock, Trace, check_invertible
 from ..nets import BlockNet
 from .base import Rule, option, register
 
 #: Adam learning rate when --lr is not given: the orthogonality regulariser needs slow steps
 #: (the 2020 paper uses 1e-4; see results/gaitprop/README.md for what was measured here).
 DEFAULT_ADAM_LR = 1e-4
+#: ... on invertible conv nets, whose only unconstrained layer (the first, never inverted) is a small
+#: patch conv: at 1e-4 they learned too slowly here (gaitprop 0.77-0.78 after 157 steps, 0.81 at 3e-4).
+DEFAULT_ADAM_LR_BY_ARCH = {"invertible-conv": 3e-4}
+#: Refactorise at once when a stale factorisation's refinement corrects the solve by more than this
+#: share: the refined solve's error is then about its square, 1e-3.
+STALE_TOLERANCE = 3e-2
 
 
 @dataclass
 class TargetPropConfig:
     ortho: float = option(0.1, "weight lambda of the orthogonality regulariser lambda*||W W^T - I||_F^2 "
                                "on every inverted layer (0: off)")
-    ortho_every: int = option(4, "apply the regulariser every k-th step only, with weight k*lambda "
-                                 "(its gradient costs two N^3 products per layer)")
+    ortho_every: int = option(16, "each step regularises every k-th row of each inverted W (a different share "
+                                 "each step), with weight k*lambda: every row gets its exact gradient once per "
+                                 "k steps, at 1/k of the cost (two n^3 products per layer)")
+    factorise_every: int = option(8, "LU-factorise each inverted layer every k-th step; in between, solve with the "
+                                     "older factors plus one step of iterative refinement (refactorising at once "
+                                     f"if that corrects the solve by more than {STALE_TOLERANCE:g}); 1: every step")
     dtype: Literal["float32", "float64"] = option("float32", "precision of the target computation "
                                                              "(the weights keep their own dtype)")
 
@@ -56,6 +64,8 @@ class TargetPropConfig:
             raise UserError(f"option ortho must be >= 0, got {self.ortho}")
         if self.ortho_every < 1:
             raise UserError(f"option ortho_every must be >= 1, got {self.ortho_every}")
+        if self.factorise_every < 1:
+            raise UserError(f"option factorise_every must be >= 1, got {self.factorise_every}")
 
 
 @dataclass
@@ -70,19 +80,9 @@ class IncrementalConfig(TargetPropConfig):
             raise UserError(f"option gamma0 must be positive, got {self.gamma0}")
 
 
-@contextmanager
-def single_threaded_on_cpu(tensor: torch.Tensor) -> Iterator[None]:
-    """Run LAPACK single-threaded: on the shared 2-core machine, its 2-thread LU of a 784 x 784
-    matrix was measured 2-10x slower than the 1-thread one (threads waiting on busy cores)."""
-    threads = torch.get_num_threads()
-    if tensor.device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ...), broadcasting against ``like`` (a dense or a conv layer's units)."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
 
 
 class InvertibleTargetRule(Rule):
@@ -90,106 +90,116 @@ class InvertibleTargetRule(Rule):
 
     Config: ClassVar[type] = TargetPropConfig
     default_arch: ClassVar[str] = "invertible"
-    networks: ClassVar[tuple[str, ...]] = ("invertible",)  # it inverts its layers
-
+    networks: ClassVar[tuple[str, ...]] = ("invertible", "invertible-conv")  # it inverts its layers
 
     @classmethod
-    def default_lr(cls, optimizer: str) -> float:
-        return DEFAULT_ADAM_LR if optimizer == "adam" else super().default_lr(optimizer)
+    def default_lr(cls, optimizer: str, arch: str | None = None) -> float:
+        if optimizer != "adam":
+            return super().default_lr(optimizer, arch)
+        return DEFAULT_ADAM_LR_BY_ARCH.get(arch or cls.default_arch, DEFAULT_ADAM_LR)
 
     def __init__(self, net: BlockNet, config: Any = None, optim: Any = None):
-        if not is_invertible(net):
-            raise UserError(f"rule {self.name} needs a network built with --arch invertible")
+        check_invertible(net, self.name)
         super().__init__(net, config, optim)
         self.steps = 0
-        self._regularise = True
+        self._measuring = False
+        #: per inverted block (index into net.layers): the factorisation its solves use
+        self._factorisations: dict[int, Factorisation] = {}
 
     # ----- what differs between gaitprop, itp and tp ------------------------------------------
     def nudge(self, error: torch.Tensor, slope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Delta u, gamma): the change of layer l's output aimed at, and the per-sample gamma used."""
+        """(Delta u, gamma): the change of layer l's output aimed at, and the per-sample gamma (B,) used."""
         raise NotImplementedError
 
     def gamma(self, error: torch.Tensor) -> torch.Tensor:
-        """Per-sample gamma of shape (B, 1) for the incremental rules."""
+        """Per-sample gamma, shape (B,), for the incremental rules."""
         if self.config.gamma == "fixed":
-            return torch.full_like(error[:, :1], self.config.gamma0)
-        norm = error.norm(dim=1, keepdim=True)
-        adaptive = self.config.gamma0 * math.sqrt(error.shape[1]) / norm
+            return torch.full((len(error),), self.config.gamma0, dtype=error.dtype, device=error.device)
+        norm = error.flatten(1).norm(dim=1)
+        adaptive = self.config.gamma0 * math.sqrt(error[0].numel()) / norm
         # A sample without error has nothing to carry down: any gamma will do, 1 keeps Gamma finite.
         return torch.where(norm > 0, adaptive, torch.ones_like(norm))
 
     # ----- the shared pass ----------------------------------------------------------------------
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         dtype = getattr(torch, self.config.dtype)
-        layers = self.net.layers
-        weights = [(block.layer.weight.detach().to(dtype), block.layer.bias.detach().to(dtype)) for block in layers]
-
-        inputs, pre, outputs = [], [], []
-        h = layers[0].prepare(x).to(dtype)
-        for block, (weight, bias) in zip(layers, weights):
-            inputs.append(h)
-            pre.append(F.linear(h, weight, bias))
-            outputs.append(block.activation(pre[-1]))
+        blocks: list[InvertibleBlock] = self.net.layers
+        traces: list[Trace] = []
+        outputs: list[torch.Tensor] = []
+        h = x.to(dtype)
+        for block in blocks:
+            traces.append(block.trace(h, dtype))
+            outputs.append(block.activation(traces[-1].pre_activation))
             h = outputs[-1]
-        logits = layers[-1].pool(outputs[-1]).detach().requires_grad_()
-        loss = self.task_loss(logits, y)
-        (loss_grad,) = torch.autograd.grad(loss, logits)
+        loss, error = self.output_error(blocks[-1], outputs[-1], y)
 
-        # t_L = y_L - 1/2 dl/dy_L with the per-sample loss l (the mean loss's gradient times B);
-        # the auxiliary units past the logits keep their own value: zero error.
-        error = torch.zeros_like(outputs[-1])
-        error[:, :logits.shape[1]] = -0.5 * loss_grad * len(x)
-        inverse_gamma = torch.ones_like(error[:, :1])  # 1 / Gamma_l, per sample
+        inverse_gamma = torch.ones(len(x), dtype=dtype, device=x.device)  # 1 / Gamma_l, per sample
         tiny = torch.finfo(dtype).tiny
-        for i in range(len(layers) - 1, -1, -1):
-            activation, a = layers[i].activation, pre[i]
-            slope = activation.derivative(a)
-            signal = slope * error * inverse_gamma
-            self._write_local_update(layers[i], signal, inputs[i])
+        for i in range(len(blocks) - 1, -1, -1):
+            block, a = blocks[i], traces[i].pre_activation
+            slope = block.activation.derivative(a)
+            signal = slope * error * per_sample(inverse_gamma, error)
+            # Local loss mean_s ||t(s) - y(s)||^2 / Gamma(s): its gradient w.r.t. this block's weights.
+            block.write_local_update(traces[i], signal, scale=-2.0 / len(x))
             if i == 0:
                 break  # the first layer is never inverted
             delta_u, gamma = self.nudge(error, slope)
-            error = self._solve(weights[i][0], self._pre_activation_change(activation, a, outputs[i], delta_u, slope))
+            delta_a = self._pre_activation_change(block.activation, a, outputs[i], delta_u, slope)
+            error = self._solve(i, block, traces[i], delta_a)
             # Fixed gamma can underflow Gamma in deep float32 nets: clamp so the signal fades instead of NaN.
             inverse_gamma = inverse_gamma / gamma.clamp_min(tiny)
-        if self._regularise and self.config.ortho > 0 and self.steps % self.config.ortho_every == 0:
-            self._add_orthogonality_gradient(self.config.ortho * self.config.ortho_every)
+        if not self._measuring and self.config.ortho > 0:
+            self._add_orthogonality_gradient()
         return {"loss": loss.item()}
+
+    def output_error(self, head: InvertibleBlock, output: torch.Tensor,
+                     y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, e_L): t_L = y_L - 1/2 dl/dy_L with the per-sample loss l (the mean loss's gradient times B).
+
+        The gradient is taken through the head's unit selection, so the auxiliary units past the
+        logits get zero error: their target is their own value.
+        """
+        output = output.detach().requires_grad_()
+        loss = self.task_loss(head.keep(output), y)
+        (loss_grad,) = torch.autograd.grad(loss, output)
+        return loss.detach(), -0.5 * len(y) * loss_grad
 
     @staticmethod
     def _pre_activation_change(activation, a: torch.Tensor, y: torch.Tensor, delta_u: torch.Tensor,
                                slope: torch.Tensor) -> torch.Tensor:
         """f^{-1}(y + Delta u) - a, exact where a kink is crossed and cancellation-free where not."""
         target = y + delta_u
-        crossed = (target >= 0) != (a >= 0)
         smooth = delta_u / slope
-        if not crossed.any():
+        if (target * a).min() > 0:  # every unit stays strictly on its side of the kink (the usual case)
             return smooth
+        crossed = (target >= 0) != (a >= 0)
         return torch.where(crossed, activation.inverse(target) - a, smooth)
 
-    @staticmethod
-    def _solve(weight: torch.Tensor, delta_a: torch.Tensor) -> torch.Tensor:
-        """Rows e with W e^T = Delta a^T for the whole batch, from one LU factorisation of W."""
-        with single_threaded_on_cpu(weight):
-            lu, pivots = torch.linalg.lu_factor(weight)
-        # X W^T = Delta a  <=>  W X^T = Delta a^T
-        return torch.linalg.lu_solve(lu, pivots, delta_a, left=False, adjoint=True)
+    def _solve(self, i: int, block: InvertibleBlock, trace: Trace, delta_a: torch.Tensor) -> torch.Tensor:
+        """e_{l-1} = W_l^{-1} Delta a_l, from factors at most ``factorise_every`` steps old (fresh when measuring)."""
+        matrix = block.matrix(delta_a.dtype)
+        if self._measuring:
+            return block.solve(trace, delta_a, Factorisation(matrix))[0]
+        factorisation = self._factorisations.get(i)
+        if factorisation is None or self.steps - factorisation.step >= self.config.factorise_every:
+            factorisation = self._factorisations[i] = Factorisation(matrix, self.steps)
+        if factorisation.step == self.steps:
+            return block.solve(trace, delta_a, factorisation)[0]
+        error, correction = block.solve(trace, delta_a, factorisation, matrix)
+        if correction > STALE_TOLERANCE:  # the weights moved too far since the factorisation
+            factorisation = self._factorisations[i] = Factorisation(matrix, self.steps)
+            error = block.solve(trace, delta_a, factorisation)[0]
+        return error
 
-    @staticmethod
-    def _write_local_update(block, signal: torch.Tensor, inputs: torch.Tensor) -> None:
-        """Gradient of the local loss mean_s ||t(s) - y(s)||^2 / Gamma(s) w.r.t. this block's W and b."""
-        scale = -2.0 / len(signal)
-        block.layer.weight.grad = (scale * signal.t() @ inputs).to(block.layer.weight.dtype)
-        block.layer.bias.grad = (scale * signal.sum(0)).to(block.layer.bias.dtype)
+    def inverted_blocks(self) -> list[InvertibleBlock]:
+        return self.net.layers[1:]
 
-    def inverted_layers(self) -> list[torch.nn.Linear]:
-        return [block.layer for block in self.net.layers[1:]]
-
-    def _add_orthogonality_gradient(self, weight: float) -> None:
-        # d/dW ||W W^T - I||_F^2 = 4 (W W^T - I) W = 4 (W W^T W - W)
-        for layer in self.inverted_layers():
-            w = layer.weight.detach()
-            layer.weight.grad.add_(4 * weight * (w @ w.t() @ w - w))
+    def _add_orthogonality_gradient(self) -> None:
+        # Every k-th row, a different share each step: each row gets k*lambda times its exact gradient
+        # once per k steps, and every step costs the same (no periodic spike in the step time).
+        every = self.config.ortho_every
+        for block in self.inverted_blocks():
+            block.add_orthogonality_gradient(self.config.ortho * every, phase=self.steps % every, every=every)
 
     # ----- bookkeeping ----------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -198,36 +208,37 @@ class InvertibleTargetRule(Rule):
         return stats
 
     @contextmanager
-    def without_regulariser(self) -> Iterator[None]:
-        self._regularise = False
+    def measuring(self) -> Iterator[None]:
+        """Credit assignment alone, changing no state: no regulariser, fresh factorisations (kept nowhere)."""
+        self._measuring = True
         try:
             yield
         finally:
-            self._regularise = True
+            self._measuring = False
 
     def update_directions(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         """The credit-assignment part only: the orthogonality regulariser is not BP's business."""
-        with self.without_regulariser():
+        with self.measuring():
             return super().update_directions(x, y)
 
     @torch.no_grad()
     def orthogonality_errors(self) -> list[float]:
         """||W W^T - I||_F / sqrt(N) per inverted layer (0 for an orthogonal W)."""
-        errors = []
-        for layer in self.inverted_layers():
-            w = layer.weight.double()
-            gram = w @ w.t() - torch.eye(len(w), dtype=w.dtype, device=w.device)
-            errors.append(gram.norm().item() / math.sqrt(len(w)))
-        return errors
+        return [e for e in (block.orthogonality_error() for block in self.inverted_blocks()) if e is not None]
 
     def statistics(self) -> dict[str, Any]:
         return {"orthogonality_error": [round(e, 6) for e in self.orthogonality_errors()], "steps": self.steps}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"steps": self.steps}
+        # The factorisations travel too, so a resumed run solves with the same factors as an unbroken one.
+        return {"steps": self.steps,
+                "factorisations": {str(i): {"lu": f.lu, "pivots": f.pivots, "step": f.step}
+                                   for i, f in self._factorisations.items()}}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
+        self._factorisations = {int(i): Factorisation.from_factors(f["lu"], f["pivots"], int(f["step"]))
+                                for i, f in state.get("factorisations", {}).items()}
 
 
 @register("gaitprop")
@@ -238,7 +249,7 @@ class GaitProp(InvertibleTargetRule):
 
     def nudge(self, error, slope):
         gamma = self.gamma(error)
-        return gamma * slope.square() * error, gamma
+        return per_sample(gamma, error) * slope.square() * error, gamma
 
 
 @register("itp")
@@ -249,7 +260,7 @@ class IncrementalTargetProp(InvertibleTargetRule):
 
     def nudge(self, error, slope):
         gamma = self.gamma(error)
-        return gamma * error, gamma
+        return per_sample(gamma, error) * error, gamma
 
 
 @register("tp")
@@ -259,4 +270,4 @@ class TargetProp(InvertibleTargetRule):
     Config = TargetPropConfig
 
     def nudge(self, error, slope):
-        return error, torch.ones_like(error[:, :1])
+        return error, torch.ones(len(error), dtype=error.dtype, device=error.device)
