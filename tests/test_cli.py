@@ -161,8 +161,6 @@ def test_installed_command_reports_user_error_without_traceback(tmp_path):
 def test_flush_denormal_flushes_while_training_and_restores_the_default(good_npz, tmp_path, monkeypatch):
     import torch
 
-    from localcredit import cli
-
     subnormal = torch.tensor([1e-39])
     seen = []
     from localcredit.train import Trainer

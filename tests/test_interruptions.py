@@ -30,12 +30,8 @@ def tiny(fashion):
 
 
 @pytest.fixture(scope="module")
-def npz(fashion, tmp_path_factory) -> str:
-    """3,000 training and 500 test images of the real data set, as an .npz that loads in milliseconds."""
-    path = tmp_path_factory.mktemp("data") / "fashion-3k.npz"
-    np.savez(path, x_train=fashion.x_train[:3000].numpy(), y_train=fashion.y_train[:3000].numpy(),
-             x_test=fashion.x_test[:500].numpy(), y_test=fashion.y_test[:500].numpy())
-    return f"npz:{path}"
+def npz(fashion_3k_npz) -> str:
+    return fashion_3k_npz
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
