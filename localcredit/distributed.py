@@ -302,8 +302,12 @@ def join_group(launch: Launch, rank: int, store_port: int | None = None) -> Rank
 def _report(message: str, code: int, consequence: bool) -> int:
     if consequence:
         time.sleep(REPORT_DELAY_S)
-        if noted_stop_signal():  # the launcher is ending the run (it signalled us): the cause is reported
-            return code
+        if noted_stop_signal():
+            # The launcher is ending the run (it signalled us) and the cause is reported. End as its
+            # signal would have: at once, without the interpreter's teardown, in which gloo's threads
+            # of the broken group abort with "terminate called without an active exception".
+            sys.stderr.flush()
+            os._exit(128 + noted_stop_signal())
     print(message, file=sys.stderr, flush=True)
     return code
 
