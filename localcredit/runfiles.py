@@ -117,11 +117,6 @@ class CheckpointEvery:
     steps: int | None = None
     seconds: float | None = None
 
-    def __str__(self) -> str:
-        if self.steps is not None:
-            return str(self.steps)
-        return "off" if self.seconds is None else f"{self.seconds / 60:g}m"
-
 
 def parse_checkpoint_every(text: str) -> CheckpointEvery:
     """``"500"`` (steps), ``"10m"`` / ``"30s"`` / ``"1h"`` (time) or ``"off"`` (epoch ends only)."""
