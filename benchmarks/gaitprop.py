@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/gaitprop.py deep-alignment --threads 1 --out results/gaitprop
     .venv/bin/python benchmarks/gaitprop.py alignment --epochs 1 --with-unregularised --out results/gaitprop
     .venv/bin/python benchmarks/gaitprop.py learn --threads 1 bp: gaitprop: gaitprop:3e-4:ortho=1 tp: itp:
+    .venv/bin/python benchmarks/gaitprop.py stale-solves --threads 1 --arch invertible-conv --out results/gaitprop
 
 ``speed`` alternates one BP step and one step of each GAIT-prop variant on the same batches in one
 process (the CPU is shared, so only ratios taken this way mean anything) and reports medians and means
@@ -13,6 +14,9 @@ the rule's default) for --epochs on the invertible network, like ``localcredit t
 and appends one JSON line each to learning.jsonl. ``alignment`` trains gaitprop and records the
 per-layer cosine with the BP gradient on a fixed batch every ``--every`` steps, then plots it;
 ``deep-alignment`` does the same for a 7-layer invertible MLP and an 8-layer invertible conv net.
+``stale-solves`` trains gaitprop with each ``solve_tolerance`` and records, every ``--every`` steps, the
+per-layer cosine between the update its (older) factors give and the update fresh factors give, and
+how many LU factorisations a step costs.
 """
 
 from __future__ import annotations
@@ -180,6 +184,68 @@ def deep_alignment(args, data) -> None:
     fig.savefig(out / "alignment_deep.png", dpi=110)
 
 
+STALE_SOLVE_VARIANTS = {  # label -> --set options of gaitprop
+    "fresh LU every step": ["factorise_every=1"],
+    "solve_tolerance=1e-2": ["solve_tolerance=1e-2"],
+    "solve_tolerance=2e-2 (default)": ["solve_tolerance=2e-2"],
+    "solve_tolerance=5e-2": ["solve_tolerance=5e-2"],
+}
+
+
+def update_with_older_factors(rule, x, y) -> list[torch.Tensor]:
+    """The credit assignment a training step applies (its factors, no regulariser), on a copy of the rule."""
+    import copy
+
+    trial = copy.deepcopy(rule)
+    trial.config.ortho = 0.0
+    trial.zero_grad()
+    trial.assign_credit(x, y)
+    return [torch.cat([p.grad.reshape(-1) for p in layer.parameters()]) for layer in trial.net.layers]
+
+
+def stale_solves(args, data) -> None:
+    from localcredit import invertible
+
+    factorisations = []
+    count = invertible.Factorisation.__init__
+
+    def counting(self, *a, **k):
+        factorisations.append(1)
+        count(self, *a, **k)
+
+    invertible.Factorisation.__init__ = counting
+    rows = []
+    for label, options in STALE_SOLVE_VARIANTS.items():
+        rule = build_rule(RunSpec(rule="gaitprop", data=args.data, options=options, **network(args)), data)
+        order = epoch_order(len(data.x_train), 0, 0)
+        cosines, counted, steps = [], 0, 0
+        for step, start in enumerate(range(0, len(order), args.batch_size)):
+            if args.max_steps is not None and step >= args.max_steps:
+                break
+            index = order[start:start + args.batch_size]
+            x, y = data.x_train[index], data.y_train[index]
+            if step % args.every == args.every - 1:
+                fresh = rule.update_directions(x, y)
+                used = update_with_older_factors(rule, x, y)
+                cosines.append([float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(fresh, used)])
+            factorisations.clear()
+            rule.step(x, y)
+            counted, steps = counted + len(factorisations), steps + 1
+        rows.append({"variant": label, "steps": steps, "lu_per_step": round(counted / steps, 3),
+                     "min_cosine_per_layer": [round(min(c[l] for c in cosines), 6) for l in range(len(cosines[0]))],
+                     "mean_cosine_per_layer": [round(statistics.fmean(c[l] for c in cosines), 6)
+                                               for l in range(len(cosines[0]))],
+                     "probes": len(cosines)})
+        print(rows[-1], flush=True)
+    invertible.Factorisation.__init__ = count
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    arch = build_rule(RunSpec(rule="bp", data=args.data, **network(args)), data).net
+    name = f"stale-solves-{arch.arch}-{'-'.join(map(str, arch.hidden or arch.description.get('patches', [])))}.json"
+    (out / name).write_text(json.dumps({"batch_size": args.batch_size, "network": network(args),
+                                        "every": args.every, "rows": rows}, indent=2))
+
+
 def learn(args, data) -> None:
     from localcredit.train import TrainConfig, Trainer
 
@@ -202,7 +268,7 @@ def learn(args, data) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["speed", "alignment", "deep-alignment", "learn"])
+    parser.add_argument("what", choices=["speed", "alignment", "deep-alignment", "learn", "stale-solves"])
     parser.add_argument("specs", nargs="*", help="learn: RULE:LR:OPTION=VALUE:... specs")
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -223,7 +289,7 @@ def main() -> None:
     if args.epochs is None:
         args.epochs = 3 if args.what == "learn" else 1
     {"speed": speed, "alignment": alignment_over_training, "deep-alignment": deep_alignment,
-     "learn": learn}[args.what](args, data)
+     "learn": learn, "stale-solves": stale_solves}[args.what](args, data)
 
 
 if __name__ == "__main__":

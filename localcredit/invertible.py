@@ -173,6 +173,10 @@ def single_threaded_on_cpu(tensor: torch.Tensor) -> Iterator[None]:
 #: Solve for the unit basis of the right-hand sides' support instead of for the rows themselves when
 #: the support is at most this share of the units (the output layer's error lives on its logits only).
 SPARSE_SUPPORT = 0.25
+#: With stale factors, refine when the right-hand sides are at most this share of n; else estimate the
+#: stale solve's error from the residual of at most SAMPLED_ROWS of its rows (see Factorisation).
+REFINE_ROWS = 1 / 8
+SAMPLED_ROWS = 16
 
 
 class Factorisation:
@@ -181,9 +185,15 @@ class Factorisation:
     Every row of D is one sample's (and position's) change of the pre-activation; the rows of X are
     the input changes. Target propagation needs these solves every step, and an LU costs ~2/3 n^3
     flops against 2 n^2 per row for the solve. M moves little per step (Adam moves each weight by
-    about lr), so factors a few steps old are kept: a solve with them is corrected by one step of
-    iterative refinement against the current M, X <- X + (D - X M^T) M_old^{-T}, whose error is the
-    square of the stale one; the size of the correction says how stale the factors are.
+    about lr), so factors a few steps old are kept, and every solve with them says how far off it
+    may be (the caller refactorises when that is too far):
+
+    * few rows (at most n/8: the output layer's unit vectors): one step of iterative refinement
+      against the current M, X <- X + (D - X M^T) M_old^{-T}. Its error is about the square of the
+      stale one, which the correction's relative size measures; it costs little next to an LU.
+    * many rows (a batch): a refinement costs a residual product and a second solve, about half an
+      LU at B = 128, n = 784, every step; fresher factors are cheaper. The stale solve is kept as it
+      is, and its error is estimated from the residual of a few evenly spaced rows.
     """
 
     def __init__(self, matrix: torch.Tensor, step: int = 0):
@@ -191,28 +201,35 @@ class Factorisation:
         with single_threaded_on_cpu(matrix):
             self.lu, self.pivots = torch.linalg.lu_factor(matrix.detach().mT)
         self.step = step
+        #: what the user expects of the next solve with these factors (set by the user: its error estimate)
+        self.expected_error = 0.0
 
     @classmethod
-    def from_factors(cls, lu: torch.Tensor, pivots: torch.Tensor, step: int) -> "Factorisation":
+    def from_factors(cls, lu: torch.Tensor, pivots: torch.Tensor, step: int,
+                     expected_error: float = 0.0) -> "Factorisation":
         """Factors saved earlier (a checkpoint): the same solves as before the interruption."""
         factorisation = cls.__new__(cls)
         factorisation.lu, factorisation.pivots, factorisation.step = lu, pivots, step
+        factorisation.expected_error = expected_error
         return factorisation
 
     def _solve_stale(self, rhs: torch.Tensor) -> torch.Tensor:
         return torch.linalg.lu_solve(self.lu, self.pivots, rhs, left=False)
 
-    def _solve_refined(self, rhs: torch.Tensor, matrix: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    def _solve_rows(self, rhs: torch.Tensor, matrix: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         x = self._solve_stale(rhs)
         if matrix is None:
             return x, 0.0
-        correction = self._solve_stale(rhs - x @ matrix.mT)
-        x = x + correction
-        return x, (correction.norm() / x.norm().clamp_min(torch.finfo(x.dtype).tiny)).item()
+        if len(rhs) <= REFINE_ROWS * rhs.shape[1]:
+            correction = self._solve_stale(rhs - x @ matrix.mT)
+            x = x + correction
+            return x, _relative(correction, x) ** 2  # the refined error is about the stale one squared
+        sample = slice(None, None, max(1, len(rhs) // SAMPLED_ROWS))
+        return x, _relative(rhs[sample] - x[sample] @ matrix.mT, rhs[sample])
 
     def solve(self, rhs: torch.Tensor, matrix: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """(X, correction): rows X with X M^T = rhs. With ``matrix``, the current M (it moved since the
-        factorisation), one refinement step; ``correction`` is its relative size (0 without).
+        """(X, error): rows X with X M^T = rhs. With ``matrix``, the current M (it moved since the
+        factorisation), ``error`` estimates X's relative error (see the class); 0 without.
 
         When the rows' nonzero columns S are few (the output layer: only the logits carry error), it
         solves for the |S| unit vectors e_s instead and combines: X = rhs[:, S] Z with Z M^T = E_S.
@@ -221,11 +238,15 @@ class Factorisation:
         if len(support) == 0:
             return torch.zeros_like(rhs), 0.0
         if len(support) > SPARSE_SUPPORT * rhs.shape[1]:
-            return self._solve_refined(rhs, matrix)
+            return self._solve_rows(rhs, matrix)
         basis = torch.zeros(len(support), rhs.shape[1], dtype=rhs.dtype, device=rhs.device)
         basis[torch.arange(len(support), device=rhs.device), support] = 1
-        z, correction = self._solve_refined(basis, matrix)
-        return rhs[:, support] @ z, correction
+        z, error = self._solve_rows(basis, matrix)
+        return rhs[:, support] @ z, error
+
+
+def _relative(part: torch.Tensor, whole: torch.Tensor) -> float:
+    return (part.norm() / whole.norm().clamp_min(torch.finfo(whole.dtype).tiny)).item()
 
 
 # ----- the protocol, per layer type ----------------------------------------------------------------
@@ -247,7 +268,7 @@ class InvertibleOp:
 
     def solve(self, module: nn.Module, input_shape: torch.Size, delta_out: torch.Tensor,
               factorisation: Factorisation | None, matrix: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-        """(input change that changes the output by ``delta_out``, refinement correction)."""
+        """(input change that changes the output by ``delta_out``, estimated relative error of the solve)."""
         raise NotImplementedError
 
     def write_local_update(self, module: nn.Module, kept: torch.Tensor, signal: torch.Tensor, scale: float) -> None:
@@ -295,8 +316,8 @@ class SquareMatrixOp(InvertibleOp):
         return self.weight_matrix(module).detach().to(dtype)
 
     def solve(self, module, input_shape, delta_out, factorisation, matrix):
-        rows, correction = factorisation.solve(self.output_rows(module, delta_out), matrix)
-        return self.rows_to_input(module, rows, input_shape), correction
+        rows, error = factorisation.solve(self.output_rows(module, delta_out), matrix)
+        return self.rows_to_input(module, rows, input_shape), error
 
     def write_local_update(self, module, kept, signal, scale):
         signal_rows = scale * self.output_rows(module, signal)  # scaling B x n numbers, not n x n
@@ -457,14 +478,15 @@ class InvertibleBlock(nn.Module):
 
     def solve(self, trace: Trace, delta_a: torch.Tensor, factorisation: Factorisation,
               matrix: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """(Delta x, correction): the change of the block's input that changes its pre-activation by
-        ``delta_a`` (the bias cancels), solved with ``factorisation`` (refined against ``matrix`` if given)."""
+        """(Delta x, error): the change of the block's input that changes its pre-activation by
+        ``delta_a`` (the bias cancels), solved with ``factorisation``; with ``matrix`` (the current M,
+        the factors being older), ``error`` estimates the solve's relative error."""
         leaves = [*self.rearrange, self.layer]
-        delta, correction = delta_a, 0.0
+        delta, error = delta_a, 0.0
         for module, shape in zip(reversed(leaves), reversed(trace.shapes)):
-            delta, refined = _required_op(module).solve(module, shape, delta, factorisation, matrix)
-            correction = max(correction, refined)
-        return delta, correction
+            delta, leaf_error = _required_op(module).solve(module, shape, delta, factorisation, matrix)
+            error = max(error, leaf_error)
+        return delta, error
 
     def write_local_update(self, trace: Trace, signal: torch.Tensor, scale: float) -> None:
         """.grad of the weights = scale * sum over the batch of (d pre-activation / d weights)^T signal."""

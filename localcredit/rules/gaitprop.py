@@ -41,9 +41,6 @@ DEFAULT_ADAM_LR = 1e-4
 #: ... on invertible conv nets, whose only unconstrained layer (the first, never inverted) is a small
 #: patch conv: at 1e-4 they learned too slowly here (gaitprop 0.77-0.78 after 157 steps, 0.81 at 3e-4).
 DEFAULT_ADAM_LR_BY_ARCH = {"invertible-conv": 3e-4}
-#: Refactorise at once when a stale factorisation's refinement corrects the solve by more than this
-#: share: the refined solve's error is then about its square, 1e-3.
-STALE_TOLERANCE = 3e-2
 
 
 @dataclass
@@ -53,9 +50,11 @@ class TargetPropConfig:
     ortho_every: int = option(16, "each step regularises every k-th row of each inverted W (a different share "
                                  "each step), with weight k*lambda: every row gets its exact gradient once per "
                                  "k steps, at 1/k of the cost (two n^3 products per layer)")
-    factorise_every: int = option(8, "LU-factorise each inverted layer every k-th step; in between, solve with the "
-                                     "older factors plus one step of iterative refinement (refactorising at once "
-                                     f"if that corrects the solve by more than {STALE_TOLERANCE:g}); 1: every step")
+    factorise_every: int = option(8, "LU-factorise each inverted layer at least every k-th step; in between, solve "
+                                     "with the older factors while their solves stay within solve_tolerance; "
+                                     "1: every step")
+    solve_tolerance: float = option(2e-2, "refactorise a layer at once when a solve with its older factors is "
+                                          "estimated to be off by more than this (relative error)")
     dtype: Literal["float32", "float64"] = option("float32", "precision of the target computation "
                                                              "(the weights keep their own dtype)")
 
@@ -66,6 +65,8 @@ class TargetPropConfig:
             raise UserError(f"option ortho_every must be >= 1, got {self.ortho_every}")
         if self.factorise_every < 1:
             raise UserError(f"option factorise_every must be >= 1, got {self.factorise_every}")
+        if not self.solve_tolerance > 0:
+            raise UserError(f"option solve_tolerance must be positive, got {self.solve_tolerance}")
 
 
 @dataclass
@@ -181,15 +182,23 @@ class InvertibleTargetRule(Rule):
         if self._measuring:
             return block.solve(trace, delta_a, Factorisation(matrix))[0]
         factorisation = self._factorisations.get(i)
-        if factorisation is None or self.steps - factorisation.step >= self.config.factorise_every:
+        if factorisation is None or self._due(factorisation):
             factorisation = self._factorisations[i] = Factorisation(matrix, self.steps)
         if factorisation.step == self.steps:
             return block.solve(trace, delta_a, factorisation)[0]
-        error, correction = block.solve(trace, delta_a, factorisation, matrix)
-        if correction > STALE_TOLERANCE:  # the weights moved too far since the factorisation
+        error, solve_error = block.solve(trace, delta_a, factorisation, matrix)
+        if solve_error > self.config.solve_tolerance:  # the weights moved too far since the factorisation
             factorisation = self._factorisations[i] = Factorisation(matrix, self.steps)
-            error = block.solve(trace, delta_a, factorisation)[0]
+            return block.solve(trace, delta_a, factorisation)[0]
+        age = self.steps - factorisation.step
+        # The error grows about linearly with the factors' age (measured): when the next solve would
+        # exceed the tolerance, refactorise before it rather than solving twice then.
+        factorisation.expected_error = solve_error * (age + 1) / age
         return error
+
+    def _due(self, factorisation: Factorisation) -> bool:
+        return (self.steps - factorisation.step >= self.config.factorise_every
+                or factorisation.expected_error > self.config.solve_tolerance)
 
     def inverted_blocks(self) -> list[InvertibleBlock]:
         return self.net.layers[1:]
@@ -232,12 +241,14 @@ class InvertibleTargetRule(Rule):
     def extra_state(self) -> dict[str, Any]:
         # The factorisations travel too, so a resumed run solves with the same factors as an unbroken one.
         return {"steps": self.steps,
-                "factorisations": {str(i): {"lu": f.lu, "pivots": f.pivots, "step": f.step}
+                "factorisations": {str(i): {"lu": f.lu, "pivots": f.pivots, "step": f.step,
+                                            "expected_error": f.expected_error}
                                    for i, f in self._factorisations.items()}}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state.get("steps", 0))
-        self._factorisations = {int(i): Factorisation.from_factors(f["lu"], f["pivots"], int(f["step"]))
+        self._factorisations = {int(i): Factorisation.from_factors(f["lu"], f["pivots"], int(f["step"]),
+                                                                   float(f.get("expected_error", 0.0)))
                                 for i, f in state.get("factorisations", {}).items()}
 
 
