@@ -101,3 +101,23 @@ def test_rules_that_keep_their_own_activations_are_not_below_bp(fashion_small):
     assert bp_mlp >= 32 * 64 * 4 * 2 / MB  # at least both hidden layers' activations
     assert measured(fashion_small, "gaitprop", "invertible") >= bp_invertible
     assert measured(fashion_small, "nan-bp", "mlp") >= bp_mlp
+
+
+def test_the_gpu_check_runs_its_cpu_dry_run(tmp_path):
+    """benchmarks/gpu.py's own code path on the CPU (CI has no GPU): tiny nets, two steps, every figure written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    chosen = ["bp", "fa", "gaitprop", "nan-bp", "local-random"]  # BP, a custom backward, the twin net, local
+    assert gpu.run(["--dry-run", "--out", str(tmp_path), "--rules", ",".join(chosen)]) == 0
+    rows = json.loads((tmp_path / "gpu.json").read_text())["rows"]
+    assert {(r["rule"], r["network"]) for r in rows} == {(rule, net) for rule in [*chosen, "bp@twin"]
+                                                         for net in ("vgg", "resnet-20")}
+    assert all(r["ms_per_step"] > 0 and r["step_memory_mb"] > 0 for r in rows)
+    assert all(r["ms_per_step_ratio_to_bp"] == 1 for r in rows if r["rule"] in ("bp", "bp@twin"))
+    assert "| `gaitprop` | vgg |" in (tmp_path / "README.md").read_text()
