@@ -7,9 +7,10 @@ step (a ``TorchDispatchMode``, which sees the forward, the autograd engine's bac
 optimisers alike) and keeps the ledger of the *storages* the step creates:
 
 * a storage is **new** when an operation returns it and it is neither the storage of one of the
-  operation's inputs (a view, an in-place result) nor one that existed before the step (weights,
-  buffers such as fixed feedback matrices, optimiser state, gradients, the batch and so the data
-  set it is a view of): those are never counted;
+  operation's inputs (a view, an in-place result) nor one that existed before the first measured
+  step (weights, buffers such as fixed feedback matrices, optimiser state, the batches and so the
+  data set they are views of): those are never counted. One meter watches a run of steps, so what
+  a step leaves for later ones (GAIT-prop's LU factors) counts in every step while it is alive;
 * a new storage is counted once, with its full size, however many views share it, from the
   operation that made it until the moment it is freed (a weakref finalizer on the storage, which
   torch keeps alive exactly as long as its memory, whoever holds it: a Python list, autograd's
@@ -17,7 +18,8 @@ optimisers alike) and keeps the ledger of the *storages* the step creates:
 * new storages still alive after the step that are a parameter's ``.grad`` or optimiser state are
   left out of the whole ledger (``zero_grad(set_to_none=True)`` makes every step allocate its
   gradients anew; they are the gradients, not what the rule needs to compute them);
-* the figure, ``peak_bytes``, is the largest total of counted storages alive at one time.
+* a step's figure, ``peak_bytes``, is the largest total of counted storages alive at one time
+  during that step.
 
 What it does not see: scratch memory a kernel allocates and frees inside itself (convolution
 workspaces) and the allocator's rounding and caching. On CUDA, :func:`measure_step` reports
