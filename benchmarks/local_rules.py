@@ -13,14 +13,12 @@ cpu: process CPU time per step on one thread (10 steps per rule per round, round
 figure a loaded machine disturbs least.
 
 memory: every (rule, batch size) runs in a fresh subprocess, so nothing of one rule's allocations
-is left for the next. A process's lifetime peak RSS is dominated by the data set and torch itself,
-so the child measures three things around training steps (Linux /proc/self/status):
-  * footprint_mb: peak RSS during the first steps minus RSS right before the first step
-    (gradients + optimiser state + activations + temporaries; the peak is reset with clear_refs);
-  * step_peak_mb: the same over later steps, measured after warm-up (what one step needs on top
-    of the steady state: activations and temporaries, as far as the allocator returns memory);
-  * saved_activations_mb: the largest total size of tensors autograd holds for backward at one
-    time during a step (saved_tensors_hooks; parameters excluded) -- the part a detached block frees.
+is left for the next. The child measures the step's memory with localcredit.memory (the same meter
+as the bench's probes): step_memory_mb, the most memory of tensors made by training steps alive at
+one time during a step (activations, temporaries, what the rule carries between steps; weights,
+gradients, optimiser state and the data set left out), and step_gradient_mb beside it.
+(results/local_rules/memory.* were written by the RSS and saved-tensor figures this replaced:
+rerun `memory` to refresh them.)
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ import torch
 
 from localcredit.data import load
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.probe import training_footprint
+from localcredit.memory import step_memory
 from localcredit.train import TrainConfig, Trainer
 
 RULES = ["bp", "local-random", "local-learned", "lfnn-l", "lfnn"]
@@ -108,7 +106,7 @@ def memory_one(rule_name: str, batch: int, steps: int, threads: int) -> dict:
     rule = make_rule(rule_name, data)
     batches = [(data.x_train[i * batch:(i + 1) * batch], data.y_train[i * batch:(i + 1) * batch])
                for i in range(steps)]
-    return {"rule": rule_name, "batch_size": batch, **training_footprint(rule, batches)}
+    return {"rule": rule_name, "batch_size": batch, **step_memory(rule, batches)}
 
 
 def memory(args) -> dict:
@@ -122,7 +120,7 @@ def memory(args) -> dict:
             print(rows[-1], file=sys.stderr, flush=True)
     for row in rows:
         bp = next(r for r in rows if r["rule"] == "bp" and r["batch_size"] == row["batch_size"])
-        for key in ("footprint_mb", "step_peak_mb", "saved_activations_mb"):
+        for key in ("step_memory_mb",):
             row[f"{key}_ratio_to_bp"] = row[key] / bp[key] if bp[key] > 0 else None
     return {"hidden": HIDDEN, "steps": args.steps, "threads": args.threads, "rows": rows}
 

@@ -71,8 +71,7 @@ def run_row(run: Run, options, alignments: dict, probes: dict) -> dict:
         # Probes ran on the first data set only (a step costs the same on MNIST and Fashion-MNIST).
         probe = probes.get(run.entry, {}) if run.data == suite.datasets[0] else {}
         align = alignments.get(run, {})
-        row.update(ms_per_step=probe.get("ms_per_step"), footprint_mb=probe.get("footprint_mb"),
-                   saved_activations_mb=probe.get("saved_activations_mb"),
+        row.update(ms_per_step=probe.get("ms_per_step"), step_memory_mb=probe.get("step_memory_mb"),
                    alignment_init=" ".join(f"{c:.4f}" for c in align.get("init", [])),
                    alignment_final=" ".join(f"{c:.4f}" for c in align.get("final", [])))
     row["result_json"] = str(run.folder(options.out) / "result.json")
@@ -86,9 +85,7 @@ def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         bp = reference.get((row["arch"], row["data"], row["seed"])) if row["stage"] == "final" else None
         for key, ratio in (("ms_per_step", "step_time_ratio_to_bp"), ("seconds_per_epoch", "epoch_time_ratio_to_bp"),
-                           ("footprint_mb", "footprint_ratio_to_bp"),
-                           ("saved_activations_mb", "saved_activations_ratio_to_bp"),
-                           ("peak_rss_mb", "peak_rss_ratio_to_bp")):
+                           ("step_memory_mb", "step_memory_ratio_to_bp"), ("peak_rss_mb", "peak_rss_ratio_to_bp")):
             ok = bp is not None and row.get(key) is not None and bp.get(key)
             row[ratio] = row[key] / bp[key] if ok else None
 
@@ -130,7 +127,7 @@ def summary_table(rows: list[dict], chosen: Sequence[Entry], datasets: Sequence[
     header = ["rule", "network"]
     for data in datasets:
         header += [f"lr ({data})", f"{data} test acc. %", f"paper ({data})"]
-    header += ["step time vs BP", "train memory vs BP", "held activations vs BP", "peak RSS vs BP"]
+    header += ["step time vs BP", "step memory vs BP"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     first = datasets[0]
     for entry in chosen:
@@ -143,8 +140,7 @@ def summary_table(rows: list[dict], chosen: Sequence[Entry], datasets: Sequence[
                       _fmt(ok) + (f" ({diverged} diverged)" if diverged else ""),
                       PAPER_REFERENCES.get(entry.rule, {}).get(data, "-")]
         runs = by_key[entry.label, first]
-        for key in ("step_time_ratio_to_bp", "footprint_ratio_to_bp", "saved_activations_ratio_to_bp",
-                    "peak_rss_ratio_to_bp"):
+        for key in ("step_time_ratio_to_bp", "step_memory_ratio_to_bp"):
             values = [r[key] for r in runs if r.get(key) is not None]
             cells.append(_ratio(statistics.mean(values)) if values else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -232,10 +228,12 @@ def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall
         f"- {tuning}",
         "- Speed and memory: measured after the runs by `python -m localcredit.probe`, one rule at a time in a fresh "
         f"process on one thread, nothing else of the bench running{load}, on {datasets[0]}: *step time* = median wall "
-        "time of a training step (after warm-up), as a ratio to BP on the same network. *Train memory* = peak "
-        "RSS growth over the first training steps (gradients, optimiser state, activations, temporaries); "
-        "*held activations* = the most bytes autograd holds for backward at one time in a step. *Peak RSS* = a "
-        "run's whole peak resident memory, dominated by the data set and torch itself. The runs' own epoch "
+        "time of a training step (after warm-up), as a ratio to BP on the same network. *Step memory* = the most "
+        "memory of tensors made by training steps alive at one time during a step, whoever holds them "
+        "(autograd, the rule's own lists, caches it keeps between steps), counted the same way for every rule "
+        "(`localcredit.memory`); weights, fixed feedback matrices, gradients, optimiser state and the data set "
+        "are left out (results.csv: `step_memory_mb`, `step_memory_ratio_to_bp`; a run's whole peak RSS, "
+        "dominated by the data set and torch itself, is there too as `peak_rss_mb`). The runs' own epoch "
         "times (results.csv: `seconds_per_epoch`, `epoch_time_ratio_to_bp`) were taken while runs shared the "
         "CPU, so they are noisier.",
         "",
@@ -258,7 +256,7 @@ def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall
         lines += ["## Learning-rate choice (validation split, seed 0)", "", *tune, ""]
     lines += ["## Plots", ""] + [f"![{name}]({name})" for name in PLOTS] + [
         "", "Every run's `result.json` (per-epoch accuracy and loss, timings, the exact command), `log.txt` and "
-            "`alignment.json` are under `runs/`; memory probes under `memory/`; all rows in `results.csv`.", ""]
+            "`alignment.json` are under `runs/`; speed and memory probes under `probes/`; all rows in `results.csv`.", ""]
     return "\n".join(lines)
 
 
@@ -342,9 +340,8 @@ def plot_alignment(path: Path, rows, chosen, datasets) -> None:
 def plot_cost(path: Path, rows, chosen, datasets) -> None:
     data = datasets[0]
     colours = _colours(chosen)
-    panels = (("step_time_ratio_to_bp", "training step time / BP"), ("footprint_ratio_to_bp", "training memory / BP"),
-              ("saved_activations_ratio_to_bp", "held activations / BP"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 0.4 * len(chosen) + 1.8))
+    panels = (("step_time_ratio_to_bp", "training step time / BP"), ("step_memory_ratio_to_bp", "step memory / BP"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 0.4 * len(chosen) + 1.8))
     for ax, (key, title) in zip(axes, panels):
         stats = []
         for entry in chosen:

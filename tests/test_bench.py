@@ -109,7 +109,7 @@ def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path
     assert float(bp["step_time_ratio_to_bp"]) == 1.0 and float(bp["epoch_time_ratio_to_bp"]) == 1.0
     assert [float(c) for c in bp["alignment_final"].split()] == pytest.approx([1, 1, 1], abs=1e-5)
     local = next(r for r in finals if r["rule"] == "local-random")
-    assert float(local["saved_activations_ratio_to_bp"]) > 0
+    assert float(local["step_memory_ratio_to_bp"]) > 0
     assert len(local["alignment_final"].split()) == 3
 
     assert not list(tmp_path.glob("runs/tune/**/checkpoint.pt"))  # tuning weights are not kept
