@@ -227,7 +227,8 @@ def stale_solves(args, data) -> None:
             if step % args.every == args.every - 1:
                 fresh = rule.update_directions(x, y)
                 used = update_with_older_factors(rule, x, y)
-                cosines.append([float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in zip(fresh, used)])
+                cosines.append([torch.nn.functional.cosine_similarity(a.detach().double(), b.double(), dim=0).item()
+                                for a, b in zip(fresh, used)])
             factorisations.clear()
             rule.step(x, y)
             counted, steps = counted + len(factorisations), steps + 1
