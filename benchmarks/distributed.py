@@ -66,7 +66,7 @@ def train_command(rule: str, hidden: str, procs: int, mode: str, epochs: int, ou
     if limit_train:
         command += ["--limit-train", str(limit_train)]  # for a quick check of this script only
     if flush_denormal:
-        command += ["--flush-denormal"]  # every process of the run flushes
+        command += ["--flush-denormal", "on"]  # every process of the run flushes
     if procs == 1:
         return [*command, "--threads", "1"]
     return [*command, "--procs", str(procs), "--parallel", mode]

@@ -33,6 +33,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: Options of the training recipe that `align` has no use for (it measures one batch at the initial weights).
+#: Whether `localcredit train` flushes subnormal floats to zero unless told (results/denormal).
+FLUSH_DENORMAL_DEFAULT = "off"
 RECIPE_ONLY = tuple(f.name for f in fields(TrainSpec) if f.name != "seed")
 
 
@@ -142,7 +144,7 @@ def _train_rank(place: distributed.Rank, args: argparse.Namespace, launch: distr
 
 def _train(args: argparse.Namespace, spec: RunSpec, prepared: tuple, parallel: Parallelism, device: str) -> None:
     out = args.out or default_out_dir(spec)
-    with _flushing_subnormals(args.flush_denormal):
+    with _flushing_subnormals(args.flush_denormal == "on"):
         result = fit(spec, out=out, resume=args.resume, device=device, progress=not args.quiet,
                      command="localcredit " + shlex.join(args.argv), prepared=prepared, parallel=parallel,
                      overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
@@ -260,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", default=None, metavar="data|blocks",
                    help="data (default): every process takes a share of each batch, updates are averaged; "
                         "blocks: each process trains a group of layers of a local rule, activations flow forward")
-    p.add_argument("--flush-denormal", action="store_true",
-                   help="treat subnormal floats as zero (faster on CPUs with slow subnormal arithmetic)")
+    p.add_argument("--flush-denormal", nargs="?", const="on", choices=["on", "off"], default=FLUSH_DENORMAL_DEFAULT,
+                   help="on: treat subnormal floats as zero (faster on CPUs with slow subnormal arithmetic; "
+                        "results/denormal); bare --flush-denormal means on (default %(default)s)")
     p.add_argument("--dist-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="how long a process waits for another before the run fails (default %(default)s)")
     p.set_defaults(func=cmd_train)
