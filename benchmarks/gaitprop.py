@@ -145,7 +145,9 @@ def deep_alignment(args, data) -> None:
     x_fixed, y_fixed = data.x_train[fixed], data.y_train[fixed]
     records, curves = [], {}
     for label, net in DEEP_NETWORKS.items():
-        rule = build_rule(RunSpec(rule="gaitprop", data=args.data, **net), data)
+        if args.only and args.only not in label:
+            continue
+        rule = build_rule(RunSpec(rule="gaitprop", data=args.data, options=args.set, lr=args.lr, **net), data)
         steps, cosines = [], []
         order = epoch_order(len(data.x_train), 0, 0)
         for step, start in enumerate(range(0, len(order), args.batch_size)):
@@ -169,7 +171,13 @@ def deep_alignment(args, data) -> None:
         writer = csv.DictWriter(f, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(records)
-    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), sharey=True)
+    summary = {label: {"layer1_min": min(c[0] for c in cosines[1:]), "layer1_mean": statistics.fmean(c[0] for c in cosines[1:]),
+                       "others_min": min(min(c[1:]) for c in cosines[1:]),
+                       "others_mean": statistics.fmean(statistics.fmean(c[1:]) for c in cosines[1:])}
+               for label, (steps, cosines) in curves.items()}
+    print(json.dumps({"after step 0": summary}, indent=1))
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, (label, (steps, cosines)) in zip(axes, curves.items()):
         for layer in range(len(cosines[0])):
             ax.plot(steps, [c[layer] for c in cosines], color=plt.cm.viridis(layer / len(cosines[0])),
@@ -281,6 +289,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--max-steps", type=int, default=None, help="alignment: stop after this many steps")
     parser.add_argument("--with-unregularised", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="deep-alignment: gaitprop option")
+    parser.add_argument("--lr", type=float, default=None, help="deep-alignment: Adam learning rate (default: the rule's)")
+    parser.add_argument("--only", default=None, help="deep-alignment: only the networks whose label contains this")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="results/gaitprop")
     args = parser.parse_args()
