@@ -1,13 +1,16 @@
 """Throughput of data-parallel and block-parallel training, and a model of K devices (not a test).
 
     python benchmarks/distributed.py throughput --out results/distributed [--rounds 3] [--epochs 3] [--flush-denormal]
+                                                [--configs ddp-bp-conv,...] [--limit-train N]
     python benchmarks/distributed.py model      --out results/distributed [--repeats 60] [--flush-denormal]
     python benchmarks/distributed.py rules      --out results/distributed [--limit-train 1024]
 
 throughput: real ``localcredit train`` commands on Fashion-MNIST (60,000 images), one torch
 thread per process, K = 1 (one process, ``--threads 1``) and K = 2 (``--procs 2``), for
-  ddp:    bp, hidden 1000                      (``--procs 2``, data parallel)
-  blocks: local-random and lfnn-l, hidden 1000,1000  (``--parallel blocks --procs 2``)
+  ddp:    bp and local-learned, on the mlp (hidden 1000) and on the conv net (``--arch conv``:
+          conv3x3 32 + pool, 64 + pool, linear head)   (``--procs 2 --parallel data``)
+  blocks: local-random and lfnn-l, hidden 1000,1000     (``--procs 2 --parallel blocks``)
+``--configs`` runs some of them only (names below, comma-separated; default all).
 Configurations alternate within each round, so a slow patch of the machine hits all alike.
 ``--flush-denormal`` runs the same commands with ``localcredit train --flush-denormal``, so every
 process (K = 1 and K = 2 alike) treats subnormal floats as zero: on this CPU, subnormal floats in the second hidden block's update
@@ -51,18 +54,22 @@ from pathlib import Path
 import torch
 
 THROUGHPUT_RUNS = {
-    # name: (mode, rule, hidden)
-    "ddp-bp": ("data", "bp", "1000"),
-    "blocks-local-random": ("blocks", "local-random", "1000,1000"),
-    "blocks-lfnn-l": ("blocks", "lfnn-l", "1000,1000"),
+    # name: (mode, rule, arch, hidden); hidden None: the architecture's default
+    "ddp-bp": ("data", "bp", "mlp", "1000"),
+    "ddp-local-learned": ("data", "local-learned", "mlp", "1000"),
+    "ddp-bp-conv": ("data", "bp", "conv", None),
+    "ddp-local-learned-conv": ("data", "local-learned", "conv", None),
+    "blocks-local-random": ("blocks", "local-random", "mlp", "1000,1000"),
+    "blocks-lfnn-l": ("blocks", "lfnn-l", "mlp", "1000,1000"),
 }
 BATCH = 128
 
 
-def train_command(rule: str, hidden: str, procs: int, mode: str, epochs: int, out: Path,
+def train_command(rule: str, arch: str, hidden: str | None, procs: int, mode: str, epochs: int, out: Path,
                   limit_train: int | None, flush_denormal: bool = False) -> list[str]:
     command = [sys.executable, "-m", "localcredit", "train", "--rule", rule, "--data", "fashion-mnist",
-               "--hidden", hidden, "--epochs", str(epochs), "--batch-size", str(BATCH), "--out", str(out), "--quiet"]
+               "--arch", arch, *(["--hidden", hidden] if hidden else []),
+               "--epochs", str(epochs), "--batch-size", str(BATCH), "--out", str(out), "--quiet"]
     if limit_train:
         command += ["--limit-train", str(limit_train)]  # for a quick check of this script only
     if flush_denormal:
@@ -72,42 +79,59 @@ def train_command(rule: str, hidden: str, procs: int, mode: str, epochs: int, ou
     return [*command, "--procs", str(procs), "--parallel", mode]
 
 
+def chosen_configs(text: str | None) -> list[str]:
+    names = list(THROUGHPUT_RUNS) if not text else [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in THROUGHPUT_RUNS]
+    if unknown:
+        raise SystemExit(f"unknown --configs {', '.join(unknown)}; choose from {', '.join(THROUGHPUT_RUNS)}")
+    return names
+
+
 def throughput(args: argparse.Namespace) -> None:
     rows = []
+    configs = chosen_configs(args.configs)
+    load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
-            for name, (mode, rule, hidden) in THROUGHPUT_RUNS.items():
+            for name in configs:
+                mode, rule, arch, hidden = THROUGHPUT_RUNS[name]
                 for procs in (1, 2):
                     out = Path(scratch) / f"{name}-{procs}-{round_}"
-                    command = train_command(rule, hidden, procs, mode, args.epochs, out, args.limit_train, args.flush_denormal)
+                    command = train_command(rule, arch, hidden, procs, mode, args.epochs, out, args.limit_train,
+                                            args.flush_denormal)
+                    load_before = round(os.getloadavg()[0], 2)  # other work on the machine slows a run down
                     start = time.perf_counter()
                     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
                     wall = time.perf_counter() - start
                     result = json.loads((out / "result.json").read_text())
                     steady = result["seconds_per_epoch"][1:]  # the first epoch pays one-off costs
-                    rows.append({"config": name, "rule": rule, "hidden": hidden, "mode": mode if procs > 1 else "none",
+                    rows.append({"config": name, "rule": rule, "arch": arch, "hidden": hidden,
+                                 "mode": mode if procs > 1 else "none",
                                  "procs": procs, "round": round_, "seconds_per_epoch": result["seconds_per_epoch"],
                                  "samples_per_second": result["train_samples"] / statistics.median(steady),
                                  "best_samples_per_second": result["train_samples"] / min(steady),
                                  "test_accuracy": result["test_accuracy"], "wall_seconds": wall,
+                                 "load_average_1min_before": load_before,
                                  "stages": result["parallel"].get("stages"),
                                  "command": " ".join(command[1:]).replace(str(out), "OUT")})
                     print(f"round {round_} {name} K={procs}: {rows[-1]['samples_per_second']:.0f} samples/s "
-                          f"(epochs {', '.join(f'{s:.2f}' for s in result['seconds_per_epoch'])} s)", flush=True)
-    summary = summarise(rows)
-    write(args.out, "throughput-flush-denormal" if args.flush_denormal else "throughput", rows, summary)
+                          f"(epochs {', '.join(f'{s:.2f}' for s in result['seconds_per_epoch'])} s; "
+                          f"load {load_before})", flush=True)
+    summary = summarise(rows, configs)
+    stem = args.stem or ("throughput-flush-denormal" if args.flush_denormal else "throughput")
+    write(args.out, stem, rows, summary, load_at_start)
     for line in summary:
         print(line)
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], configs: list[str]) -> list[dict]:
     """Per configuration: median and best (fastest steady epoch) throughput over rounds, K = 1 and 2.
 
     The machine is shared: other work only ever slows a run down, so the best epoch is the least
     disturbed estimate; the median shows how much disturbance there was.
     """
     summary = []
-    for name in THROUGHPUT_RUNS:
+    for name in configs:
         runs = {k: [r for r in rows if r["config"] == name and r["procs"] == k] for k in (1, 2)}
         median = {k: statistics.median(r["samples_per_second"] for r in runs[k]) for k in runs}
         best = {k: max(r["best_samples_per_second"] for r in runs[k]) for k in runs}
@@ -121,10 +145,12 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def write(out: Path, stem: str, rows: list[dict], summary: list[dict] | dict) -> None:
+def write(out: Path, stem: str, rows: list[dict], summary: list[dict] | dict,
+          load_at_start: tuple[float, float, float] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "python": platform.python_version(), "load_average_at_end": os.getloadavg()}
+               "python": platform.python_version(), "load_average_at_start": load_at_start,
+               "load_average_at_end": os.getloadavg(), "command": " ".join(["python", *sys.argv])}
     (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "summary": summary, "runs": rows}, indent=2) + "\n")
     with open(out / f"{stem}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -301,6 +327,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--limit-train", type=int, default=None, help="smoke test only: train on fewer samples")
     p.add_argument("--flush-denormal", action="store_true", help="every process flushes subnormal floats to zero")
+    p.add_argument("--configs", default=None, help=f"comma-separated subset of {', '.join(THROUGHPUT_RUNS)}")
+    p.add_argument("--stem", default=None, help="output file names (default throughput[-flush-denormal])")
     p.set_defaults(func=throughput)
     p = sub.add_parser("model")
     p.add_argument("--out", type=Path, default=Path("results/distributed"))
