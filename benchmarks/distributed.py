@@ -3,6 +3,7 @@
     python benchmarks/distributed.py throughput --out results/distributed [--rounds 3] [--epochs 3] [--flush-denormal]
                                                 [--configs ddp-bp-conv,...] [--limit-train N]
     python benchmarks/distributed.py model      --out results/distributed [--repeats 60] [--flush-denormal]
+    python benchmarks/distributed.py steps      --out results/distributed [--steps 40] [--configs ddp-bp-conv,...]
     python benchmarks/distributed.py rules      --out results/distributed [--limit-train 1024]
 
 throughput: real ``localcredit train`` commands on Fashion-MNIST (60,000 images), one torch
@@ -29,6 +30,15 @@ with the layers split into K contiguous stages the way ``--parallel blocks`` spl
 
 The model's per-layer times cycle through different training batches (the same batch again and
 again would drive the updates into subnormal floats); ``--flush-denormal`` as above.
+
+steps: the data-parallel configurations' training steps, timed in this process (K = 1, one
+thread) and in each of two gloo processes (K = 2, ``DataParallel.step``), in wall-clock time and
+in CPU time (the process's, gloo's threads included). On a busy machine the wall-clock times
+mostly measure the others' load; the CPU times still say how much work K = 2 adds:
+CPU efficiency = CPU per step at K = 1 / (2 x CPU per step of a K = 2 process), the scaling
+efficiency a machine with a free core per process would approach (less the time a process
+waits for its peer's reduction). Also: how many gradient buckets there are, and how many of them
+started their all-reduce before the rule's credit assignment returned (the overlap).
 
 rules: every registered rule, one epoch on the first 1,024 training images, in one process
 (``--threads 1``) and with ``--procs 2`` (data parallel): test accuracy and training loss side by
@@ -197,6 +207,80 @@ def layer_times(rule_name: str, hidden: list[int], repeats: int) -> list[dict]:
     return layers
 
 
+# ----- per-step times, wall-clock and CPU ----------------------------------------------------
+def _ddp_rule(name: str):
+    from localcredit.data import load
+    from localcredit.experiment import RunSpec, build_rule
+
+    _, rule, arch, hidden = THROUGHPUT_RUNS[name]
+    torch.set_num_threads(1)
+    data = load("fashion-mnist")
+    spec = RunSpec(rule=rule, data="fashion-mnist", arch=arch, hidden=[int(h) for h in hidden.split(",")] if hidden else None)
+    return build_rule(spec, data), data
+
+
+def _timed_steps(step, data, steps: int) -> dict:
+    """Median milliseconds per step of ``step`` on consecutive batches (the first 5 left out)."""
+    wall, cpu = [], []
+    for i in range(steps + 5):
+        x, y = data.x_train[i * BATCH:(i + 1) * BATCH], data.y_train[i * BATCH:(i + 1) * BATCH]
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        step(x, y)
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
+    return {"wall_ms": 1e3 * statistics.median(wall[5:]), "cpu_ms": 1e3 * statistics.median(cpu[5:])}
+
+
+class _StepsOnly:
+    """What DataParallel.step needs of a Trainer: the rule."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+
+def _steps_rank(place, name: str, steps: int, out: str) -> None:
+    from localcredit.distributed import DataParallel
+
+    rule, data = _ddp_rule(name)
+    parallel = DataParallel(place, "gloo")
+    trainer = _StepsOnly(rule)
+    parallel.attach(trainer)
+    started_early = []
+    finish = parallel.buckets.finish
+
+    def counting_finish(stats):
+        started_early.append(parallel.buckets._next)
+        finish(stats)
+
+    parallel.buckets.finish = counting_finish
+    timing = _timed_steps(lambda x, y: parallel.step(trainer, x, y), data, steps)
+    timing.update(buckets=len(parallel.buckets.buckets), started_early=statistics.median(started_early))
+    Path(f"{out}.{place.rank}").write_text(json.dumps(timing))
+
+
+def step_times(args: argparse.Namespace) -> None:
+    from localcredit.distributed import plan, spawn
+
+    load_at_start = os.getloadavg()
+    rows = []
+    for name in chosen_configs(args.configs or "ddp-bp,ddp-local-learned,ddp-bp-conv,ddp-local-learned-conv"):
+        rule, data = _ddp_rule(name)
+        one = _timed_steps(rule.step, data, args.steps)
+        with tempfile.TemporaryDirectory() as scratch:
+            out = str(Path(scratch) / "rank")
+            spawn(plan(2, "data", "cpu"), _steps_rank, name, args.steps, out)
+            ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+        two = {key: max(r[key] for r in ranks) for key in ("wall_ms", "cpu_ms")}  # the slower process sets the pace
+        rows.append({"config": name, "k1_wall_ms": one["wall_ms"], "k1_cpu_ms": one["cpu_ms"],
+                     "k2_wall_ms": two["wall_ms"], "k2_cpu_ms": two["cpu_ms"],
+                     "wall_efficiency": one["wall_ms"] / (2 * two["wall_ms"]),
+                     "cpu_efficiency": one["cpu_ms"] / (2 * two["cpu_ms"]),
+                     "buckets": ranks[0]["buckets"], "buckets_started_early": ranks[0]["started_early"],
+                     "load_average_1min_after": round(os.getloadavg()[0], 2)})
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+    write(args.out, args.stem, rows, {"steps": args.steps}, load_at_start)
+
+
 def _link_worker(rank: int, port: int, sizes: list[int], repeats: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -335,6 +419,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=60)
     p.add_argument("--flush-denormal", action="store_true", help="flush subnormal floats to zero while timing layers")
     p.set_defaults(func=model)
+    p = sub.add_parser("steps")
+    p.add_argument("--out", type=Path, default=Path("results/distributed"))
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--configs", default=None, help="comma-separated subset of the ddp-* configurations")
+    p.add_argument("--stem", default="steps")
+    p.set_defaults(func=step_times)
     p = sub.add_parser("rules")
     p.add_argument("--out", type=Path, default=Path("results/distributed"))
     p.add_argument("--limit-train", type=int, default=1024)
