@@ -195,8 +195,9 @@ def _type_name(kind: Any) -> str:
 
 
 #: ``hook(rule, stats)`` runs after assign_credit, before the optimisers step. It may rewrite the
-#: gradients and the step's logged figures in place: data-parallel averaging reduces both in one
-#: collective, so every process logs (and checks for divergence) the same global figures.
+#: gradients and the step's logged figures in place: data-parallel averaging reduces both (the
+#: gradients' reductions started during assign_credit), so every process logs (and checks for
+#: divergence) the same global figures.
 GradientHook = Callable[["Rule", dict[str, float]], None]
 
 #: ``listener(params)`` learns, while assign_credit is still running, that the gradients of
