@@ -187,6 +187,30 @@ def test_overlapped_buckets_equal_one_process_with_uneven_shares_and_a_parameter
     assert ranks[0]["started_early"] == ranks[1]["started_early"] == [ranks[0]["started_early"][0]] * 2
 
 
+def _announced_then_rewritten(place, npz: str) -> None:
+    """One rank of bp whose credit assignment replaces a gradient after the backward announced it final."""
+    torch.set_num_threads(1)
+    distributed.GRADIENT_BUCKET_BYTES = 1
+    data = load(npz)
+    rule = build_rule(RunSpec(rule="bp", data=npz, hidden=[16]), data)
+    assign_credit = rule.assign_credit
+
+    def rewriting(x, y):
+        stats = assign_credit(x, y)
+        head = next(rule.net.head.parameters())
+        head.grad = head.grad.clone()  # the reduction in flight works on the old tensor
+        return stats
+
+    rule.assign_credit = rewriting
+    Trainer(rule, data, TrainConfig(epochs=1, batch_size=50, limit_train=100, progress=False),
+            parallel=DataParallel(place, "gloo")).fit()
+
+
+def test_a_gradient_changed_after_it_was_announced_final_fails_the_run(npz, capfd):
+    assert spawn(plan(2, "data", "cpu", timeout_s=TIMEOUT_S), _announced_then_rewritten, npz) == 1
+    assert "changed after the rule announced it final" in capfd.readouterr().err
+
+
 # ----- block pipeline --------------------------------------------------------------------------
 LOCAL_RULES = ["lfnn-l", "local-random"]
 
