@@ -1,13 +1,17 @@
 """Throughput of data-parallel and block-parallel training, and a model of K devices (not a test).
 
     python benchmarks/distributed.py throughput --out results/distributed [--rounds 3] [--epochs 3] [--flush-denormal]
+                                                [--configs ddp-bp-conv,...] [--limit-train N]
     python benchmarks/distributed.py model      --out results/distributed [--repeats 60] [--flush-denormal]
+    python benchmarks/distributed.py steps      --out results/distributed [--steps 40] [--configs ddp-bp-conv,...]
     python benchmarks/distributed.py rules      --out results/distributed [--limit-train 1024]
 
 throughput: real ``localcredit train`` commands on Fashion-MNIST (60,000 images), one torch
 thread per process, K = 1 (one process, ``--threads 1``) and K = 2 (``--procs 2``), for
-  ddp:    bp, hidden 1000                      (``--procs 2``, data parallel)
-  blocks: local-random and lfnn-l, hidden 1000,1000  (``--parallel blocks --procs 2``)
+  ddp:    bp and local-learned, on the mlp (hidden 1000) and on the conv net (``--arch conv``:
+          conv3x3 32 + pool, 64 + pool, linear head)   (``--procs 2 --parallel data``)
+  blocks: local-random and lfnn-l, hidden 1000,1000     (``--procs 2 --parallel blocks``)
+``--configs`` runs some of them only (names below, comma-separated; default all).
 Configurations alternate within each round, so a slow patch of the machine hits all alike.
 ``--flush-denormal`` runs the same commands with ``localcredit train --flush-denormal``, so every
 process (K = 1 and K = 2 alike) treats subnormal floats as zero: on this CPU, subnormal floats in the second hidden block's update
@@ -26,6 +30,15 @@ with the layers split into K contiguous stages the way ``--parallel blocks`` spl
 
 The model's per-layer times cycle through different training batches (the same batch again and
 again would drive the updates into subnormal floats); ``--flush-denormal`` as above.
+
+steps: the data-parallel configurations' training steps, timed in this process (K = 1, one
+thread) and in each of two gloo processes (K = 2, ``DataParallel.step``), in wall-clock time and
+in CPU time (the process's, gloo's threads included). On a busy machine the wall-clock times
+mostly measure the others' load; the CPU times still say how much work K = 2 adds:
+CPU efficiency = CPU per step at K = 1 / (2 x CPU per step of a K = 2 process), the scaling
+efficiency a machine with a free core per process would approach (less the time a process
+waits for its peer's reduction). Also: how many gradient buckets there are, and how many of them
+started their all-reduce before the rule's credit assignment returned (the overlap).
 
 rules: every registered rule, one epoch on the first 1,024 training images, in one process
 (``--threads 1``) and with ``--procs 2`` (data parallel): test accuracy and training loss side by
@@ -51,18 +64,22 @@ from pathlib import Path
 import torch
 
 THROUGHPUT_RUNS = {
-    # name: (mode, rule, hidden)
-    "ddp-bp": ("data", "bp", "1000"),
-    "blocks-local-random": ("blocks", "local-random", "1000,1000"),
-    "blocks-lfnn-l": ("blocks", "lfnn-l", "1000,1000"),
+    # name: (mode, rule, arch, hidden); hidden None: the architecture's default
+    "ddp-bp": ("data", "bp", "mlp", "1000"),
+    "ddp-local-learned": ("data", "local-learned", "mlp", "1000"),
+    "ddp-bp-conv": ("data", "bp", "conv", None),
+    "ddp-local-learned-conv": ("data", "local-learned", "conv", None),
+    "blocks-local-random": ("blocks", "local-random", "mlp", "1000,1000"),
+    "blocks-lfnn-l": ("blocks", "lfnn-l", "mlp", "1000,1000"),
 }
 BATCH = 128
 
 
-def train_command(rule: str, hidden: str, procs: int, mode: str, epochs: int, out: Path,
+def train_command(rule: str, arch: str, hidden: str | None, procs: int, mode: str, epochs: int, out: Path,
                   limit_train: int | None, flush_denormal: bool = False) -> list[str]:
     command = [sys.executable, "-m", "localcredit", "train", "--rule", rule, "--data", "fashion-mnist",
-               "--hidden", hidden, "--epochs", str(epochs), "--batch-size", str(BATCH), "--out", str(out), "--quiet"]
+               "--arch", arch, *(["--hidden", hidden] if hidden else []),
+               "--epochs", str(epochs), "--batch-size", str(BATCH), "--out", str(out), "--quiet"]
     if limit_train:
         command += ["--limit-train", str(limit_train)]  # for a quick check of this script only
     if flush_denormal:
@@ -72,42 +89,59 @@ def train_command(rule: str, hidden: str, procs: int, mode: str, epochs: int, ou
     return [*command, "--procs", str(procs), "--parallel", mode]
 
 
+def chosen_configs(text: str | None) -> list[str]:
+    names = list(THROUGHPUT_RUNS) if not text else [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in THROUGHPUT_RUNS]
+    if unknown:
+        raise SystemExit(f"unknown --configs {', '.join(unknown)}; choose from {', '.join(THROUGHPUT_RUNS)}")
+    return names
+
+
 def throughput(args: argparse.Namespace) -> None:
     rows = []
+    configs = chosen_configs(args.configs)
+    load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
-            for name, (mode, rule, hidden) in THROUGHPUT_RUNS.items():
+            for name in configs:
+                mode, rule, arch, hidden = THROUGHPUT_RUNS[name]
                 for procs in (1, 2):
                     out = Path(scratch) / f"{name}-{procs}-{round_}"
-                    command = train_command(rule, hidden, procs, mode, args.epochs, out, args.limit_train, args.flush_denormal)
+                    command = train_command(rule, arch, hidden, procs, mode, args.epochs, out, args.limit_train,
+                                            args.flush_denormal)
+                    load_before = round(os.getloadavg()[0], 2)  # other work on the machine slows a run down
                     start = time.perf_counter()
                     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
                     wall = time.perf_counter() - start
                     result = json.loads((out / "result.json").read_text())
                     steady = result["seconds_per_epoch"][1:]  # the first epoch pays one-off costs
-                    rows.append({"config": name, "rule": rule, "hidden": hidden, "mode": mode if procs > 1 else "none",
+                    rows.append({"config": name, "rule": rule, "arch": arch, "hidden": hidden,
+                                 "mode": mode if procs > 1 else "none",
                                  "procs": procs, "round": round_, "seconds_per_epoch": result["seconds_per_epoch"],
                                  "samples_per_second": result["train_samples"] / statistics.median(steady),
                                  "best_samples_per_second": result["train_samples"] / min(steady),
                                  "test_accuracy": result["test_accuracy"], "wall_seconds": wall,
+                                 "load_average_1min_before": load_before,
                                  "stages": result["parallel"].get("stages"),
                                  "command": " ".join(command[1:]).replace(str(out), "OUT")})
                     print(f"round {round_} {name} K={procs}: {rows[-1]['samples_per_second']:.0f} samples/s "
-                          f"(epochs {', '.join(f'{s:.2f}' for s in result['seconds_per_epoch'])} s)", flush=True)
-    summary = summarise(rows)
-    write(args.out, "throughput-flush-denormal" if args.flush_denormal else "throughput", rows, summary)
+                          f"(epochs {', '.join(f'{s:.2f}' for s in result['seconds_per_epoch'])} s; "
+                          f"load {load_before})", flush=True)
+    summary = summarise(rows, configs)
+    stem = args.stem or ("throughput-flush-denormal" if args.flush_denormal else "throughput")
+    write(args.out, stem, rows, summary, load_at_start)
     for line in summary:
         print(line)
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], configs: list[str]) -> list[dict]:
     """Per configuration: median and best (fastest steady epoch) throughput over rounds, K = 1 and 2.
 
     The machine is shared: other work only ever slows a run down, so the best epoch is the least
     disturbed estimate; the median shows how much disturbance there was.
     """
     summary = []
-    for name in THROUGHPUT_RUNS:
+    for name in configs:
         runs = {k: [r for r in rows if r["config"] == name and r["procs"] == k] for k in (1, 2)}
         median = {k: statistics.median(r["samples_per_second"] for r in runs[k]) for k in runs}
         best = {k: max(r["best_samples_per_second"] for r in runs[k]) for k in runs}
@@ -121,10 +155,12 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def write(out: Path, stem: str, rows: list[dict], summary: list[dict] | dict) -> None:
+def write(out: Path, stem: str, rows: list[dict], summary: list[dict] | dict,
+          load_at_start: tuple[float, float, float] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "python": platform.python_version(), "load_average_at_end": os.getloadavg()}
+               "python": platform.python_version(), "load_average_at_start": load_at_start,
+               "load_average_at_end": os.getloadavg(), "command": " ".join(["python", *sys.argv])}
     (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "summary": summary, "runs": rows}, indent=2) + "\n")
     with open(out / f"{stem}.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -169,6 +205,80 @@ def layer_times(rule_name: str, hidden: list[int], repeats: int) -> list[dict]:
                        "parameters": sum(p.numel() for p in rule.parameter_groups()[l])})
         inputs = outputs
     return layers
+
+
+# ----- per-step times, wall-clock and CPU ----------------------------------------------------
+def _ddp_rule(name: str):
+    from localcredit.data import load
+    from localcredit.experiment import RunSpec, build_rule
+
+    _, rule, arch, hidden = THROUGHPUT_RUNS[name]
+    torch.set_num_threads(1)
+    data = load("fashion-mnist")
+    spec = RunSpec(rule=rule, data="fashion-mnist", arch=arch, hidden=[int(h) for h in hidden.split(",")] if hidden else None)
+    return build_rule(spec, data), data
+
+
+def _timed_steps(step, data, steps: int) -> dict:
+    """Median milliseconds per step of ``step`` on consecutive batches (the first 5 left out)."""
+    wall, cpu = [], []
+    for i in range(steps + 5):
+        x, y = data.x_train[i * BATCH:(i + 1) * BATCH], data.y_train[i * BATCH:(i + 1) * BATCH]
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        step(x, y)
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
+    return {"wall_ms": 1e3 * statistics.median(wall[5:]), "cpu_ms": 1e3 * statistics.median(cpu[5:])}
+
+
+class _StepsOnly:
+    """What DataParallel.step needs of a Trainer: the rule."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+
+def _steps_rank(place, name: str, steps: int, out: str) -> None:
+    from localcredit.distributed import DataParallel
+
+    rule, data = _ddp_rule(name)
+    parallel = DataParallel(place, "gloo")
+    trainer = _StepsOnly(rule)
+    parallel.attach(trainer)
+    started_early = []
+    finish = parallel.buckets.finish
+
+    def counting_finish(stats):
+        started_early.append(parallel.buckets._next)
+        finish(stats)
+
+    parallel.buckets.finish = counting_finish
+    timing = _timed_steps(lambda x, y: parallel.step(trainer, x, y), data, steps)
+    timing.update(buckets=len(parallel.buckets.buckets), started_early=statistics.median(started_early))
+    Path(f"{out}.{place.rank}").write_text(json.dumps(timing))
+
+
+def step_times(args: argparse.Namespace) -> None:
+    from localcredit.distributed import plan, spawn
+
+    load_at_start = os.getloadavg()
+    rows = []
+    for name in chosen_configs(args.configs or "ddp-bp,ddp-local-learned,ddp-bp-conv,ddp-local-learned-conv"):
+        rule, data = _ddp_rule(name)
+        one = _timed_steps(rule.step, data, args.steps)
+        with tempfile.TemporaryDirectory() as scratch:
+            out = str(Path(scratch) / "rank")
+            spawn(plan(2, "data", "cpu"), _steps_rank, name, args.steps, out)
+            ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+        two = {key: max(r[key] for r in ranks) for key in ("wall_ms", "cpu_ms")}  # the slower process sets the pace
+        rows.append({"config": name, "k1_wall_ms": one["wall_ms"], "k1_cpu_ms": one["cpu_ms"],
+                     "k2_wall_ms": two["wall_ms"], "k2_cpu_ms": two["cpu_ms"],
+                     "wall_efficiency": one["wall_ms"] / (2 * two["wall_ms"]),
+                     "cpu_efficiency": one["cpu_ms"] / (2 * two["cpu_ms"]),
+                     "buckets": ranks[0]["buckets"], "buckets_started_early": ranks[0]["started_early"],
+                     "load_average_1min_after": round(os.getloadavg()[0], 2)})
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+    write(args.out, args.stem, rows, {"steps": args.steps}, load_at_start)
 
 
 def _link_worker(rank: int, port: int, sizes: list[int], repeats: int, out: str) -> None:
@@ -301,12 +411,20 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--limit-train", type=int, default=None, help="smoke test only: train on fewer samples")
     p.add_argument("--flush-denormal", action="store_true", help="every process flushes subnormal floats to zero")
+    p.add_argument("--configs", default=None, help=f"comma-separated subset of {', '.join(THROUGHPUT_RUNS)}")
+    p.add_argument("--stem", default=None, help="output file names (default throughput[-flush-denormal])")
     p.set_defaults(func=throughput)
     p = sub.add_parser("model")
     p.add_argument("--out", type=Path, default=Path("results/distributed"))
     p.add_argument("--repeats", type=int, default=60)
     p.add_argument("--flush-denormal", action="store_true", help="flush subnormal floats to zero while timing layers")
     p.set_defaults(func=model)
+    p = sub.add_parser("steps")
+    p.add_argument("--out", type=Path, default=Path("results/distributed"))
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--configs", default=None, help="comma-separated subset of the ddp-* configurations")
+    p.add_argument("--stem", default="steps")
+    p.set_defaults(func=step_times)
     p = sub.add_parser("rules")
     p.add_argument("--out", type=Path, default=Path("results/distributed"))
     p.add_argument("--limit-train", type=int, default=1024)

@@ -4,9 +4,12 @@ Two layouts, both behind the Trainer's :class:`~localcredit.train.Parallelism` s
 
 * :class:`DataParallel` (``--parallel data``, every rule). ``--batch-size`` stays the global batch:
   every process takes the same global slice of the epoch's order and keeps its share of it.
-  Between the rule's credit assignment and its optimisers (``Rule.gradient_hooks``) the
-  gradients, and the step's logged figures, are averaged across processes, weighted by share,
-  in a few flat all-reduces. Every process then applies the same update to the same weights, so
+  The gradients are averaged across processes, weighted by share, in buckets
+  (:class:`GradientBuckets`) whose all-reduces start while the rule is still computing: as soon as
+  the rule says a bucket's gradients are final (``Rule.gradients_final``: after each layer's local
+  loss, or per parameter during one backward pass), else when its credit assignment returns.
+  Before its optimisers step (``Rule.gradient_hooks``) every bucket and the step's logged figures
+  are reduced. Every process then applies the same update to the same weights, so
   the run is the single-process run up to float rounding -- except that batch norm normalises
   over each process's share of the batch (as DDP without SyncBatchNorm); its running statistics
   are averaged across processes after every epoch.
@@ -57,8 +60,13 @@ from .runfiles import STOP_SIGNALS, Interrupted, keep_stop_signals, noted_stop_s
 from .train import AGREE_EVERY, Diverged, EpochProgress, Parallelism, Trainer
 
 DEFAULT_TIMEOUT_S = 120.0
-#: A bucket of the gradient all-reduce; a 784-1000-1000-10 MLP fits in one.
+#: A bucket of a one-off all-reduce (batch-norm statistics); a 784-1000-1000-10 MLP fits in one.
 BUCKET_BYTES = 32 * 2**20
+#: A bucket of the gradient all-reduce of a data-parallel step: small enough that the first buckets
+#: start (and travel) while the rule computes the rest, large enough that each all-reduce's fixed
+#: cost is paid rarely. A bucket closes before the parameter that would take it past this size, so
+#: one big weight (a 784x1000 layer: 3.1 MB) gets a bucket of its own.
+GRADIENT_BUCKET_BYTES = 2**20
 #: Sends a pipeline process may leave in flight before it waits for the oldest: enough to keep
 #: computing while the activations travel, few enough that a slow next stage holds it back.
 SEND_WINDOW = 2
@@ -353,7 +361,7 @@ def all_reduce_flat(tensors: Sequence[torch.Tensor], scale: float) -> list[torch
     Returns new tensors (views into the reduced buckets), shaped like the inputs.
     """
     out: list[torch.Tensor | None] = [None] * len(tensors)
-    for bucket in _buckets(tensors):
+    for bucket in _buckets(tensors, BUCKET_BYTES):
         flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
         flat.mul_(scale)
         dist.all_reduce(flat)
@@ -365,13 +373,13 @@ def all_reduce_flat(tensors: Sequence[torch.Tensor], scale: float) -> list[torch
     return out  # type: ignore[return-value]
 
 
-def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
-    """Consecutive tensors of one dtype and device, up to BUCKET_BYTES per bucket."""
+def _buckets(tensors: Sequence[torch.Tensor], limit: int) -> list[list[int]]:
+    """Consecutive tensors of one dtype and device, up to ``limit`` bytes per bucket (a bigger tensor alone)."""
     buckets: list[list[int]] = []
     size, kind = 0, None
     for i, t in enumerate(tensors):
         nbytes = t.numel() * t.element_size()
-        if not buckets or (t.dtype, t.device) != kind or size + nbytes > BUCKET_BYTES:
+        if not buckets or (t.dtype, t.device) != kind or size + nbytes > limit:
             buckets.append([])
             size, kind = 0, (t.dtype, t.device)
         buckets[-1].append(i)
@@ -436,6 +444,134 @@ class _Agreeing(Parallelism):
             torch.set_rng_state(ranks[self.place.rank]["torch_rng"].cpu())
 
 
+@dataclass
+class _Bucket:
+    """Consecutive parameters (in the order the rule finishes them) whose gradients travel together."""
+
+    params: list[torch.nn.Parameter]
+    waiting: int = 0  # parameters not yet announced final this step
+    flat: torch.Tensor | None = None  # what is being reduced: the one gradient itself, or a copy of all
+    in_place: bool = False  # flat is the bucket's one gradient
+    had_grad: list[bool] | None = None  # which parameters had a gradient when the reduction started
+    work: Any = None
+
+
+class GradientBuckets:
+    """A data-parallel step's gradient all-reduce, started bucket by bucket while the rule computes.
+
+    The rule's trainable parameters, in the order its step finishes their gradients
+    (``Rule.gradient_order``), are cut into buckets of up to GRADIENT_BUCKET_BYTES. When the rule
+    announces gradients final (``Rule.gradients_final``) and that completes a bucket, the bucket's
+    share-weighted gradients start an asynchronous all-reduce -- unless an earlier bucket is still
+    incomplete: buckets start strictly in order, so every process issues the same collectives in
+    the same order whatever the timing. :meth:`finish` starts the rest (what the rule did not
+    announce, and parameters without a gradient, reduced as zeros and left without one), reduces
+    the step's logged figures alongside, waits, and puts the sums into ``.grad``.
+    """
+
+    def __init__(self, rule: Rule, place: Rank):
+        self.device = place.device
+        trainable = [p for p in rule.parameters() if p.requires_grad]
+        ordered = _unique([*rule.gradient_order(), *trainable])  # whatever the order left out goes last
+        self.buckets = [_Bucket(params) for params in _fill_buckets(ordered, GRADIENT_BUCKET_BYTES)]
+        self.bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket.params}
+        self.active = False
+        self.share = 1.0
+        self._announced: set[int] = set()
+        self._next = 0  # the first bucket not started yet
+
+    def begin(self, share: float) -> None:
+        """A step starts; this process holds ``share`` of the global batch."""
+        self.active, self.share, self._next = True, share, 0
+        self._announced.clear()
+        for bucket in self.buckets:
+            bucket.waiting = len(bucket.params)
+
+    def final(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Listener of ``Rule.gradients_final``: start every bucket that is now complete, in order."""
+        if not self.active:  # a backward outside a training step (e.g. an alignment probe)
+            return
+        for p in params:
+            b = self.bucket_of.get(id(p))
+            if b is not None and id(p) not in self._announced:
+                self._announced.add(id(p))
+                self.buckets[b].waiting -= 1
+        while self._next < len(self.buckets) and self.buckets[self._next].waiting == 0:
+            self._start(self.buckets[self._next])
+            self._next += 1
+
+    def finish(self, stats: dict[str, float]) -> None:
+        """Reduce what is left and the logged figures; write the averaged gradients; the step is over."""
+        for bucket in self.buckets[self._next:]:
+            self._start(bucket)
+        keys = sorted(stats)
+        # float64: a handful of numbers, and the log keeps the single-process precision.
+        figures = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
+        figures.mul_(self.share)
+        figures_work = dist.all_reduce(figures, async_op=True)
+        _wait_all([bucket.work for bucket in self.buckets] + [figures_work])
+        for bucket in self.buckets:
+            self._settle(bucket)
+        stats.update(zip(keys, figures.tolist()))
+        self.active = False
+
+    @torch.no_grad()
+    def _start(self, bucket: _Bucket) -> None:
+        grads = [p.grad for p in bucket.params]
+        bucket.had_grad = [g is not None for g in grads]
+        bucket.in_place = len(grads) == 1 and grads[0] is not None
+        if bucket.in_place:
+            bucket.flat = grads[0]  # one gradient: reduced where it is, no copy there and back
+        else:
+            bucket.flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                     for g, p in zip(grads, bucket.params)])
+        bucket.flat.mul_(self.share)
+        bucket.work = dist.all_reduce(bucket.flat, async_op=True)
+
+    @staticmethod
+    def _settle(bucket: _Bucket) -> None:
+        for p, had in zip(bucket.params, bucket.had_grad):
+            changed = p.grad is not bucket.flat if bucket.in_place else (p.grad is not None) != had
+            if changed:  # a broken promise must not pass silently: it would split the processes' weights
+                raise RuntimeError(f"a gradient of shape {tuple(p.shape)} changed after the rule announced it final "
+                                   f"(Rule.gradients_final)")
+        if not bucket.in_place:  # the averaged gradients become views into the reduced copy
+            offset = 0
+            for p, had in zip(bucket.params, bucket.had_grad):
+                if had:  # the same parameters lack a gradient in every process, and keep lacking it
+                    p.grad = bucket.flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+        bucket.flat = bucket.work = bucket.had_grad = None
+
+
+def _wait_all(works: Sequence[Any]) -> None:
+    """Wait for every asynchronous collective, even after one failed, then raise the first failure.
+
+    No reduction may be left in flight when a process ends (gloo aborts the process at exit, in
+    the middle of its error report, otherwise). Each wait is bounded by the process group's
+    timeout (``--dist-timeout``), whose error names the backend.
+    """
+    failure: Exception | None = None
+    for work in works:
+        try:
+            work.wait()
+        except Exception as exc:  # noqa: BLE001 -- re-raised below, after the others are done
+            failure = failure or exc
+    if failure is not None:
+        raise failure
+
+
+def _unique(params: Sequence[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """``params`` without repeats, first occurrence kept."""
+    return list({id(p): p for p in params}.values())  # a dict keeps each key where it first came
+
+
+def _fill_buckets(params: Sequence[torch.nn.Parameter], limit: int) -> list[list[torch.nn.Parameter]]:
+    """Consecutive parameters of one dtype and device, up to ``limit`` bytes per bucket (a bigger
+    parameter alone)."""
+    return [[params[i] for i in bucket] for bucket in _buckets([p.detach() for p in params], limit)]
+
+
 class DataParallel(_Agreeing):
     """Every process runs the whole rule on its share of each global batch; updates are averaged."""
 
@@ -443,38 +579,39 @@ class DataParallel(_Agreeing):
         super().__init__(place, backend)
         self._share = 1.0 / place.world
         self._own_statistics: list[torch.Tensor] | None = None  # from a mid-epoch checkpoint
+        self.buckets: GradientBuckets | None = None
 
     def attach(self, trainer: Trainer) -> None:
-        broadcast_state(trainer.rule)
+        rule = trainer.rule
+        broadcast_state(rule)
         if self._own_statistics is not None:  # the broadcast gave every process process 0's statistics
             with torch.no_grad():
-                for buffer, saved in zip(_float_buffers(trainer.rule), self._own_statistics, strict=True):
+                for buffer, saved in zip(_float_buffers(rule), self._own_statistics, strict=True):
                     buffer.copy_(saved)
             self._own_statistics = None
-        if self.average not in trainer.rule.gradient_hooks:
-            trainer.rule.gradient_hooks.append(self.average)
+        if self.buckets is not None:  # attached before (a second fit): one set of buckets listens
+            rule.final_gradient_listeners.remove(self.buckets.final)
+        self.buckets = GradientBuckets(rule, self.place)
+        rule.final_gradient_listeners.append(self.buckets.final)
+        if self.average not in rule.gradient_hooks:
+            rule.gradient_hooks.append(self.average)
 
     def step(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         # Contiguous shares of the global batch (augmented as a whole, so every process sees the
-        # single-process images); uneven shares are weighted by their size below, so a mean loss over
+        # single-process images); uneven shares are weighted by their size, so a mean loss over
         # the global batch is reproduced exactly.
         x_share, y_share = x.tensor_split(self.place.world)[self.place.rank], y.tensor_split(self.place.world)[self.place.rank]
         self._share = len(y_share) / len(y)
+        if self.buckets is not None:
+            self.buckets.begin(self._share)
         return trainer.rule.step(x_share, y_share)
 
     def average(self, rule: Rule, stats: dict[str, float]) -> None:
         """Gradient hook: the share-weighted mean of every process's update and logged figures."""
-        params = [p for p in rule.parameters() if p.requires_grad]
-        if not params:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        keys = sorted(stats)
-        figures = torch.tensor([float(stats[k]) for k in keys], dtype=params[0].dtype, device=params[0].device)
-        *reduced, reduced_figures = all_reduce_flat([*grads, figures], self._share)
-        for p, grad in zip(params, reduced):
-            if p.grad is not None:  # the same parameters lack a gradient in every process
-                p.grad = grad
-        stats.update(zip(keys, reduced_figures.tolist()))
+        assert self.buckets is not None, "attach() installs this hook and the buckets together"
+        if not self.buckets.active:  # a rule.step that did not come through step() above
+            self.buckets.begin(self._share)
+        self.buckets.finish(stats)
 
     def finish_epoch(self, trainer: Trainer) -> None:
         average_statistics(trainer.rule)

@@ -21,7 +21,8 @@ import torch
 
 from localcredit.cli import main
 from localcredit.data import load
-from localcredit.distributed import DataParallel, partition, plan, spawn
+from localcredit import distributed
+from localcredit.distributed import DataParallel, GradientBuckets, partition, plan, spawn
 from localcredit.experiment import RunSpec, build_rule
 from localcredit.train import CHECKPOINT, RESULT, Parallelism, TrainConfig, Trainer
 
@@ -133,6 +134,81 @@ def test_batch_norm_statistics_are_the_same_on_every_process_after_a_data_parall
     for name in first:
         assert torch.equal(first[name], second[name]), name
     assert all(not torch.equal(first[name], initial[name]) for name in running), "the statistics were trained"
+
+
+def _overlap_rule(npz: str, rule_name: str):
+    """A rule on a 784-32-32-10 MLP whose first block holds one more parameter that no loss reaches."""
+    rule = build_rule(RunSpec(rule=rule_name, data=npz, hidden=[32, 32], optimizer="sgd"), load(npz))
+    rule.net.blocks[0].register_parameter("unused", torch.nn.Parameter(torch.ones(5)))
+    return rule
+
+
+def _overlapped_run(place, npz: str, rule_name: str, out: Path) -> None:
+    """One rank: two uneven data-parallel steps with a bucket per parameter; saves the weights, which
+    parameters kept no gradient, and how many buckets each step started before the rule returned."""
+    torch.set_num_threads(1)
+    distributed.GRADIENT_BUCKET_BYTES = 1  # every parameter its own bucket: the most interleaving
+    started_early = []
+    finish = GradientBuckets.finish
+
+    def counting_finish(self, stats):
+        started_early.append(self._next)
+        finish(self, stats)
+
+    GradientBuckets.finish = counting_finish
+    data = load(npz)
+    rule = _overlap_rule(npz, rule_name)
+    Trainer(rule, data, TrainConfig(epochs=1, batch_size=101, limit_train=202, progress=False),
+            parallel=DataParallel(place, "gloo")).fit()
+    without = [name for name, p in rule.named_parameters() if p.grad is None]
+    torch.save({"state": rule.state_dict(), "without_grad": without, "started_early": started_early,
+                "buckets": len(GradientBuckets(rule, place).buckets)}, out / f"{rule_name}-{place.rank}.pt")
+
+
+@pytest.mark.parametrize("rule_name", ["bp", "local-learned"])
+def test_overlapped_buckets_equal_one_process_with_uneven_shares_and_a_parameter_without_gradient(
+        rule_name, npz, tmp_path):
+    # 101 samples per step: shares of 51 and 50. bp announces each gradient as autograd writes it, so
+    # the unused parameter holds back its own bucket and every later one (buckets start in order)
+    # until the rule returns; local-learned announces each layer's parameters after its local loss,
+    # the unused one among them (as a gradient that stays None), so every bucket starts early.
+    assert spawn(plan(2, "data", "cpu", timeout_s=TIMEOUT_S), _overlapped_run, npz, rule_name, tmp_path) == 0
+    ranks = [torch.load(tmp_path / f"{rule_name}-{r}.pt", weights_only=True) for r in (0, 1)]
+    torch.set_num_threads(1)
+    data = load(npz)
+    single = _overlap_rule(npz, rule_name)
+    Trainer(single, data, TrainConfig(epochs=1, batch_size=101, limit_train=202, progress=False)).fit()
+    for rank in ranks:
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(rank["state"][key], value, atol=1e-6, rtol=0, msg=key)
+        assert rank["without_grad"] == ["net.blocks.0.unused"]
+        early = [rank["buckets"]] if rule_name == "local-learned" else range(1, rank["buckets"])
+        assert all(started in early for started in rank["started_early"]), rank["started_early"]
+    assert ranks[0]["started_early"] == ranks[1]["started_early"] == [ranks[0]["started_early"][0]] * 2
+
+
+def _announced_then_rewritten(place, npz: str) -> None:
+    """One rank of bp whose credit assignment replaces a gradient after the backward announced it final."""
+    torch.set_num_threads(1)
+    distributed.GRADIENT_BUCKET_BYTES = 1
+    data = load(npz)
+    rule = build_rule(RunSpec(rule="bp", data=npz, hidden=[16]), data)
+    assign_credit = rule.assign_credit
+
+    def rewriting(x, y):
+        stats = assign_credit(x, y)
+        head = next(rule.net.head.parameters())
+        head.grad = head.grad.clone()  # the reduction in flight works on the old tensor
+        return stats
+
+    rule.assign_credit = rewriting
+    Trainer(rule, data, TrainConfig(epochs=1, batch_size=50, limit_train=100, progress=False),
+            parallel=DataParallel(place, "gloo")).fit()
+
+
+def test_a_gradient_changed_after_it_was_announced_final_fails_the_run(npz, capfd):
+    assert spawn(plan(2, "data", "cpu", timeout_s=TIMEOUT_S), _announced_then_rewritten, npz) == 1
+    assert "changed after the rule announced it final" in capfd.readouterr().err
 
 
 # ----- block pipeline --------------------------------------------------------------------------

@@ -74,7 +74,8 @@ class NextLayerAttentionBP(Rule):
             loss = self.task_loss(self.net(x), y)
             # The gradient sign: -A flows down; each weight layer writes -(its best response) into
             # .grad, which the optimiser descends.
-            loss.backward()
+            with self.final_as_accumulated():
+                loss.backward()
         return {"loss": loss.item()}
 
     # ----- per-epoch statistics ---------------------------------------------------------------

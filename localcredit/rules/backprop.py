@@ -13,5 +13,6 @@ class Backprop(Rule):
 
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         loss = self.task_loss(self.net(x), y)
-        loss.backward()
+        with self.final_as_accumulated():
+            loss.backward()
         return {"loss": loss.item()}

@@ -6,6 +6,9 @@ it). Everything else is shared:
 
 * :meth:`Rule.step` = zero grads -> assign_credit -> gradient hooks -> optimiser steps,
   the skeleton the Trainer calls (the hooks are where data-parallel averaging plugs in);
+* while assign_credit runs, a rule may say which gradients are already final
+  (:meth:`Rule.gradients_final`, or :meth:`Rule.final_as_accumulated` around a single backward
+  pass), so that data parallel averages them while the rest of the step is still computed;
 * local rules (``local = True``) also expose one layer's share of a step,
   :meth:`Rule.block_step_loss`, so that a block pipeline can run their layers on different
   processes (``localcredit.distributed``);
@@ -19,10 +22,11 @@ A rule is an ``nn.Module`` so that its fixed random matrices and auxiliary heads
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,9 +195,15 @@ def _type_name(kind: Any) -> str:
 
 
 #: ``hook(rule, stats)`` runs after assign_credit, before the optimisers step. It may rewrite the
-#: gradients and the step's logged figures in place: data-parallel averaging reduces both in one
-#: collective, so every process logs (and checks for divergence) the same global figures.
+#: gradients and the step's logged figures in place: data-parallel averaging reduces both (the
+#: gradients' reductions started during assign_credit), so every process logs (and checks for
+#: divergence) the same global figures.
 GradientHook = Callable[["Rule", dict[str, float]], None]
+
+#: ``listener(params)`` learns, while assign_credit is still running, that the gradients of
+#: ``params`` are final for this step (the rule writes nothing more into them before the gradient
+#: hooks run). Data parallel starts averaging them at once, overlapping the rest of the step.
+GradientsFinal = Callable[[Sequence[nn.Parameter]], None]
 
 
 class Rule(nn.Module):
@@ -217,6 +227,7 @@ class Rule(nn.Module):
         if self.optim.lr is None and self.optim.optimizer in DEFAULT_LR:
             self.optim = dataclasses.replace(self.optim, lr=self.default_lr(self.optim.optimizer, net.arch))
         self.gradient_hooks: list[GradientHook] = []
+        self.final_gradient_listeners: list[GradientsFinal] = []
         self._optimizers: list[torch.optim.Optimizer] | None = None
         self.active_classes: torch.Tensor | None = None  # see restrict_outputs
 
@@ -249,6 +260,12 @@ class Rule(nn.Module):
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         """Parameters that share one optimiser; local rules return one group per block."""
         return [[p for p in self.parameters() if p.requires_grad]]
+
+    def gradient_order(self) -> list[nn.Parameter]:
+        """Trainable parameters in the order a step finishes their gradients (data parallel buckets
+        its all-reduce in this order). Default: one backward pass through the network, which reaches
+        the head first and the first block last."""
+        return [p for p in self.parameters() if p.requires_grad][::-1]
 
     # ----- what a local rule defines as well ------------------------------------------------
     def block_step_loss(self, l: int, h_in: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -317,6 +334,29 @@ class Rule(nn.Module):
         if self._optimizers is None:
             self._optimizers = [self.optim.make(group) for group in self.parameter_groups() if group]
         return self._optimizers
+
+    def gradients_final(self, params: Sequence[nn.Parameter]) -> None:
+        """Called by a rule inside assign_credit: the gradients of ``params`` will not change again
+        this step. Optional (whatever is not announced is final when assign_credit returns); a
+        promise broken would let processes of a data-parallel run apply different updates."""
+        for listener in self.final_gradient_listeners:
+            listener(params)
+
+    @contextlib.contextmanager
+    def final_as_accumulated(self) -> Iterator[None]:
+        """Around a rule's one backward call of a step: each gradient is final once autograd has
+        accumulated it (one backward call accumulates into each parameter at most once), so it is
+        announced (:meth:`gradients_final`) right then, while the backward goes on to the layers below."""
+        if not self.final_gradient_listeners:  # nobody listens: no hooks to pay for
+            yield
+            return
+        handles = [p.register_post_accumulate_grad_hook(lambda param: self.gradients_final((param,)))
+                   for p in self.parameters() if p.requires_grad]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.parameters():

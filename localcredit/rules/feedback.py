@@ -62,7 +62,8 @@ class FeedbackAlignment(Rule):
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         with swapped_input_gradients(self.net, self.feedback):
             loss = self.task_loss(self.net(x), y)
-            loss.backward()
+            with self.final_as_accumulated():
+                loss.backward()
         return {"loss": loss.item()}
 
 
@@ -85,6 +86,7 @@ class DirectFeedbackAlignment(Rule):
         loss = self.task_loss(logits, y)
         (error,) = torch.autograd.grad(loss, logits, retain_graph=True)
         injected = [(error @ getattr(self, f"feedback_{i}")).view_as(out) for i, out in enumerate(outputs)]
-        torch.autograd.backward([loss, *outputs], [None, *injected])
+        with self.final_as_accumulated():  # one backward call: each block's weights are reached once
+            torch.autograd.backward([loss, *outputs], [None, *injected])
         return {"loss": loss.item()}
 

@@ -148,6 +148,9 @@ class LocalLossRule(Rule):
         head_loss = None
         for l, loss in self.local_losses(x, y):
             loss.backward()
+            # Its input was detached: this layer's group is done, and can be averaged across
+            # processes while the layers above compute.
+            self.gradients_final(self.group_parameters(l))
             total += loss.detach()
             if l == len(self.net.blocks):
                 head_loss = loss.detach()
@@ -158,6 +161,15 @@ class LocalLossRule(Rule):
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         return per_block_groups(self.net.layers, [self.auxiliary_parameters(l) for l in range(len(self.net.blocks))])
+
+    def group_parameters(self, l: int) -> list[nn.Parameter]:
+        """The parameters that the loss of layer ``l`` (the last of its group) trains."""
+        groups = self.parameter_groups()
+        return [p for layer in self._group_of(l) for p in groups[layer]]
+
+    def gradient_order(self) -> list[nn.Parameter]:
+        # assign_credit finishes the layers from the input up (the order of parameter_groups).
+        return [p for group in self.parameter_groups() for p in group]
 
 
 @dataclass
