@@ -30,17 +30,16 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from . import rules
 from .bench_plan import (REFERENCE, SUITES, Entry, Run, Suite, default_lr, entries, entry_network,  # noqa: F401
-                         final_runs, get_suite, initial_grid, is_finished, read_result, spec_of, train_arguments,
-                         validate_suite)
-from .bench_report import write_report
+                         final_runs, get_suite, initial_grid, is_finished, read_result, spec_of,
+                         suite_entries, train_arguments, validate_suite)
+from .bench_report import write_cases_report, write_report
 from .errors import UserError
 from .experiment import RunSpec, build_rule
 from .runfiles import BENCH_FILES, RUN_FILES, Interrupted, StopRequests, load_checkpoint, read_json
@@ -100,12 +99,12 @@ def execute(argv: list[str], folder: Path, threads: int) -> int | None:
 
 
 def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: int, progress: bool,
-              desc: str) -> tuple[int, int]:
+              desc: str, device: str | None = None) -> tuple[int, int]:
     """Train every unfinished run of a stage, ``workers`` at a time; return (trained now, skipped as finished)."""
     todo = [run for run in runs if not is_finished(read_result(run.folder(out)))]
     failed = []
     with ThreadPoolExecutor(max_workers=workers) as pool:  # threads only wait: each run is its own process
-        futures = {pool.submit(train_one, run, suite, out, threads): run for run in todo}
+        futures = {pool.submit(train_one, run, suite, out, threads, device): run for run in todo}
         bar = tqdm(as_completed(futures), total=len(futures), desc=desc, unit="run", disable=not progress or None,
                    file=sys.stderr)
         for future in bar:
@@ -120,8 +119,8 @@ def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: i
     return len(todo), len(runs) - len(todo)
 
 
-def train_one(run: Run, suite: Suite, out: Path, threads: int) -> int | None:
-    code = execute(train_arguments(run, suite, out, threads), run.folder(out), threads)
+def train_one(run: Run, suite: Suite, out: Path, threads: int, device: str | None = None) -> int | None:
+    code = execute(train_arguments(run, suite, out, threads, device), run.folder(out), threads)
     if run.stage == "tune" and is_finished(read_result(run.folder(out))):
         # Only the validation accuracy of a tuning run is used; its weights would fill the disk
         # (the full suite's tuning checkpoints take gigabytes).
@@ -136,7 +135,7 @@ def tuning_runs(grids: Grids) -> list[Run]:
     return [Run("tune", entry, data, 0, lr) for (entry, data), lrs in grids.items() for lr in lrs]
 
 
-def best_lr(entry: Entry, data: str, lrs: Sequence[float], out: Path) -> float:
+def best_lr(entry: Entry, data: str, lrs: Sequence[float], out: Path, suite: Suite | None = None) -> float:
     """The learning rate whose tuning run ended with the best validation accuracy.
 
     Diverged or missing runs count as accuracy -inf; ties go to the value closest to the rule's default.
@@ -145,7 +144,7 @@ def best_lr(entry: Entry, data: str, lrs: Sequence[float], out: Path) -> float:
     for lr in lrs:
         result = read_result(Run("tune", entry, data, 0, lr).folder(out)) or {}
         accuracy = result.get("test_accuracy") if result.get("status") == "ok" else None
-        scored.append((-math.inf if accuracy is None else accuracy, -abs(math.log(lr / default_lr(entry))), lr))
+        scored.append((-math.inf if accuracy is None else accuracy, -abs(math.log(lr / default_lr(entry, suite))), lr))
     return max(scored)[2]
 
 
@@ -166,7 +165,7 @@ def tune(suite: Suite, chosen: Sequence[Entry], out: Path,
     gets one more value beyond it, for at most ``lr_extensions`` rounds. Without ``tune_epochs``
     every rule keeps its default.
     """
-    grids: Grids = {(e, d): initial_grid(e, suite) if suite.tune_epochs else [default_lr(e)]
+    grids: Grids = {(e, d): initial_grid(e, suite) if suite.tune_epochs else [default_lr(e, suite)]
                     for d in suite.datasets for e in chosen}
     if not suite.tune_epochs:
         return {key: lrs[0] for key, lrs in grids.items()}, []
@@ -174,14 +173,14 @@ def tune(suite: Suite, chosen: Sequence[Entry], out: Path,
         run(tuning_runs(grids))
         widened = False
         for (entry, data), lrs in grids.items():
-            extra = widen(lrs, best_lr(entry, data, lrs, out), suite.lr_step)
+            extra = widen(lrs, best_lr(entry, data, lrs, out, suite), suite.lr_step)
             if extra is not None and round_ < suite.lr_extensions:
                 lrs.append(extra)
                 lrs.sort()
                 widened = True
         if not widened:
             break
-    return {(e, d): best_lr(e, d, lrs, out) for (e, d), lrs in grids.items()}, tuning_runs(grids)
+    return {(e, d): best_lr(e, d, lrs, out, suite) for (e, d), lrs in grids.items()}, tuning_runs(grids)
 
 
 # ----- measurements a run's result.json does not hold --------------------------------------------
@@ -214,13 +213,24 @@ def probe_file(entry: Entry, out: Path) -> Path:
     return out / "probes" / f"{entry.slug}.json"
 
 
+PROBE_RECIPE = ("epochs", "limit_train", "eval_every", "augment", "lr_schedule", "milestones", "lr_decay")
+
+
+def probe_command(entry: Entry, data: str, suite: Suite, steps: int | None = None,
+                  timed_steps: int | None = None) -> list[str]:
+    """``python -m localcredit.probe`` on an entry's network, rule options and optimiser (not the loop's recipe)."""
+    spec = spec_of(Run("final", entry, data, 0, default_lr(entry, suite)), suite)
+    spec = replace(spec, **{name: getattr(RunSpec(rule="bp", data=data), name) for name in PROBE_RECIPE})
+    counts = [*(["--steps", str(steps)] if steps else []), *(["--timed-steps", str(timed_steps)] if timed_steps else [])]
+    return [sys.executable, "-m", "localcredit.probe", *to_argv(spec), "--threads", "1", *counts]
+
+
 def probe(entry: Entry, data: str, suite: Suite, out: Path) -> dict:
     """Step time and memory of an entry, measured alone in a fresh process (``localcredit.probe``), one thread."""
     path = probe_file(entry, out)
     if path.exists():
         return read_json(path, "probe file")
-    spec = RunSpec(rule=entry.rule, data=data, **asdict(entry_network(entry, suite)), batch_size=suite.batch_size)
-    command = [sys.executable, "-m", "localcredit.probe", *to_argv(spec), "--threads", "1"]
+    command = probe_command(entry, data, suite)
     done = TRAININGS.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     TRAININGS.check()  # a stop ended (or prevented) the probe: nothing of it is written
@@ -237,7 +247,7 @@ def probe(entry: Entry, data: str, suite: Suite, out: Path) -> dict:
 class BenchOptions:
     suite: Suite
     out: Path
-    rule_names: list[str]
+    rule_names: list[str] | None  # None: the suite's rows (every registered rule, for most suites)
     workers: int = 1
     threads: int = 1
     progress: bool = True
@@ -245,6 +255,8 @@ class BenchOptions:
     resume: bool = False
     overwrite: bool = False
     resume_hint: str = ""
+    device: str | None = None  # passed on to every training as --device (None: train's default, auto)
+    cases: list[str] | None = None  # of a suite with cases: the ones to run (None: all)
 
 
 def check_options(options: BenchOptions) -> None:
@@ -254,10 +266,12 @@ def check_options(options: BenchOptions) -> None:
         raise UserError(f"--workers must be at least 1, got {options.workers}")
     if options.threads < 1:
         raise UserError(f"--threads must be at least 1, got {options.threads}")
-    for name in options.rule_names:
-        rules.get(name)  # unknown names raise UserError listing the available ones
-    if not options.rule_names:
+    if options.rule_names is not None and not options.rule_names:
         raise UserError("--rules selects no rule")
+    if options.cases is not None and not options.suite.cases:
+        raise UserError(f"--cases applies to a suite with cases (paper), not to {options.suite.name}")
+    for name in options.cases or ():
+        options.suite.case(name)  # unknown names raise UserError listing the cases
     if options.resume and options.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one of them")
 
@@ -280,13 +294,16 @@ def run_bench(options: BenchOptions) -> dict:
     from .data import load
 
     check_options(options)
+    if options.suite.cases:
+        return run_cases(options)
     suite, out = options.suite, options.out
-    chosen = entries(options.rule_names, suite.arch)
+    chosen = suite_entries(suite, options.rule_names)
     validate_suite(suite, chosen)
     datasets = {name: load(name) for name in suite.datasets}  # missing data fails here, before any run
     claim_bench_dir(out, options.resume, options.overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    stage = dict(suite=suite, out=out, workers=options.workers, threads=options.threads, progress=options.progress)
+    stage = dict(suite=suite, out=out, workers=options.workers, threads=options.threads, progress=options.progress,
+                 device=options.device)
     trained = []
 
     def train(runs: list[Run], desc: str) -> None:
@@ -313,5 +330,71 @@ def run_bench(options: BenchOptions) -> dict:
     return {"trained": sum(trained), "skipped": len(tune_runs) + len(final) - sum(trained), **report}
 
 
+def selected_cases(options: BenchOptions) -> list[Suite]:
+    """The cases ``--cases`` names (all by default) that hold at least one of the ``--rules`` rows."""
+    cases = [options.suite.case(n) for n in options.cases] if options.cases else list(options.suite.cases)
+    if options.rule_names is None:
+        return cases
+    kept = [case for case in cases if set(options.rule_names) & set(case.rules or ())]
+    if not kept:
+        raise UserError(f"--rules {','.join(options.rule_names)} names no row of the chosen cases")
+    return kept
+
+
+def case_options(options: BenchOptions, case: Suite) -> BenchOptions:
+    names = None if options.rule_names is None else [n for n in options.rule_names if n in (case.rules or ())]
+    return replace(options, suite=case, out=options.out / case.name, rule_names=names, cases=None)
+
+
+def run_cases(options: BenchOptions) -> dict:
+    """Each chosen case of a suite as its own bench in OUT/<case>, then OUT/RESULTS.md over every case run so far."""
+    summaries = [run_bench(case_options(options, case)) for case in selected_cases(options)]
+    report = write_cases_report(options)
+    return {"trained": sum(s["trained"] for s in summaries), "skipped": sum(s["skipped"] for s in summaries),
+            **report}
+
+
+# ----- what a suite would cost ----------------------------------------------------------------------
+def planned_steps(suite: Suite, train_size: int) -> tuple[int, int]:
+    """Training steps of one row on one data set: (every seed's final runs, the first grid of tuning runs)."""
+    final_size = min(train_size, suite.limit_train or train_size)
+    tune_size = min(train_size - round(train_size / 6), suite.tune_limit_train or suite.limit_train or train_size)
+    final = suite.seeds * suite.epochs * math.ceil(final_size / suite.batch_size)
+    grid = (2 * suite.lr_span + 1) if suite.tune_epochs else 0
+    return final, grid * suite.tune_epochs * math.ceil(tune_size / suite.batch_size)
+
+
+def estimate(options: BenchOptions, steps: int = 3, timed_steps: int = 5) -> list[dict]:
+    """Each row's CPU hours on this machine: a short probe's step time (one thread) x the suite's planned steps.
+
+    Counts training steps only (evaluation adds a few per cent) and the first tuning grid (a widened
+    grid adds up to ``lr_extensions`` runs more); runs side by side (``--workers``) divide the wall time.
+    """
+    from .data import load
+
+    check_options(options)
+    cases = selected_cases(options) if options.suite.cases else [options.suite]
+    rows = []
+    for case in cases:
+        names = case_options(options, case).rule_names if options.suite.cases else options.rule_names
+        chosen = suite_entries(case, names)
+        validate_suite(case, chosen)
+        sizes = {data: len(load(data).y_train) for data in case.datasets}
+        for entry in chosen:
+            done = TRAININGS.run(probe_command(entry, case.datasets[0], case, steps, timed_steps),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if done is None or done.returncode != 0:
+                raise RuntimeError(f"probing {entry.label}: {'' if done is None else done.stderr.strip()[-300:]}")
+            ms = json.loads(done.stdout.strip().splitlines()[-1])["ms_per_step_mean"]
+            planned = [planned_steps(case, sizes[data]) for data in case.datasets]
+            final, tuning = sum(p[0] for p in planned), sum(p[1] for p in planned)
+            rows.append({"case": case.name, "row": entry.label, "ms_per_step": ms, "steps": final + tuning,
+                         "hours": ms * (final + tuning) / 3.6e6, "load_average_1min": os.getloadavg()[0]})
+    return rows
+
+
 def with_seeds(suite: Suite, seeds: int | None) -> Suite:
-    return suite if seeds is None else replace(suite, seeds=seeds)
+    if seeds is None:
+        return suite
+    return replace(suite, seeds=seeds, cases=tuple(replace(case, seeds=seeds) for case in suite.cases))

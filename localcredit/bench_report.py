@@ -11,6 +11,7 @@ import datetime
 import os
 import platform
 import statistics
+from dataclasses import replace
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -21,17 +22,8 @@ matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .bench_plan import REFERENCE, Entry, Run, read_result  # noqa: E402
-
-#: The papers' reported test accuracy (%), from ../shared/METHODS.md; a rule without one shows "-".
-PAPER_REFERENCES: dict[str, dict[str, str]] = {
-    "bp": {"mnist": "99.09 (LeNet; BioTorch)", "fashion-mnist": "90.8 (LeNet; BioTorch)"},
-    "fa": {"mnist": "98.3 (LeNet; BioTorch)", "fashion-mnist": "86.94 (LeNet; BioTorch)"},
-    "dfa": {"mnist": "98.39 (LeNet; BioTorch)", "fashion-mnist": "87.19 (LeNet; BioTorch)"},
-    "lfnn-l": {"mnist": "98.80 (784-256-128, 50 ep; authors' logs, variant not stated)"},
-    "lfnn": {"mnist": "98.80 (784-256-128, 50 ep; authors' logs, variant not stated)"},
-    "gaitprop": {"mnist": "≈ BP (no number reachable)", "fashion-mnist": "≈ BP (no number reachable)"},
-}
+from .bench_plan import REFERENCE, Entry, Run, read_result, spec_of  # noqa: E402
+from .spec import to_argv  # noqa: E402
 
 PLOTS = ("learning_curves.png", "accuracy.png", "alignment.png", "cost.png")
 
@@ -119,32 +111,64 @@ def machine_description() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def summary_table(rows: list[dict], chosen: Sequence[Entry], datasets: Sequence[str], lrs: dict) -> list[str]:
+def summary_table(rows: list[dict], chosen: Sequence[Entry], datasets: Sequence[str], lrs: dict,
+                  published: dict | None = None) -> list[str]:
+    """Per row: per data set the learning rate, our test error, the published error and whether that
+    training was BP-free; then step time and step memory as ratios to BP on the same network."""
+    published = published or {}
     finals = [r for r in rows if r["stage"] == "final"]
     by_key = defaultdict(list)
     for row in finals:
         by_key[row["label"], row["data"]].append(row)
     header = ["rule", "network"]
     for data in datasets:
-        header += [f"lr ({data})", f"{data} test acc. %", f"paper ({data})"]
+        header += [f"lr ({data})", f"{data} test error % (ours)", f"published error % ({data})", "published BP-free"]
     header += ["step time vs BP", "step memory vs BP"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     first = datasets[0]
     for entry in chosen:
-        cells = [f"`{entry.rule}`", entry.arch]
+        cells = [f"`{entry.name}`", entry.arch]
         for data in datasets:
             runs = by_key[entry.label, data]
-            ok = [r["accuracy"] for r in runs if r["status"] == "ok"]
+            errors = [1 - r["accuracy"] for r in runs if r["status"] == "ok"]
             diverged = sum(r["status"] == "diverged" for r in runs)
-            cells += [f"{lrs[entry, data]:.3g}",
-                      _fmt(ok) + (f" ({diverged} diverged)" if diverged else ""),
-                      PAPER_REFERENCES.get(entry.rule, {}).get(data, "-")]
+            paper = published.get((entry.name, data))
+            cells += [f"{lrs[entry, data]:.3g}", _fmt(errors) + (f" ({diverged} diverged)" if diverged else ""),
+                      f"{paper.error:g} ({paper.source})" if paper else "-", paper.bp_free_text if paper else "-"]
         runs = by_key[entry.label, first]
         for key in ("step_time_ratio_to_bp", "step_memory_ratio_to_bp"):
             values = [r[key] for r in runs if r.get(key) is not None]
             cells.append(_ratio(statistics.mean(values)) if values else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def recipe_table(suite, chosen: Sequence[Entry], lrs: dict) -> list[str]:
+    """Per row and data set, the options its final runs trained with: the recipe, line by line."""
+    lines = ["| rule | data | options |", "|---|---|---|"]
+    for data in suite.datasets:
+        for entry in chosen:
+            spec = spec_of(Run("final", entry, data, 0, lrs[entry, data]), suite)
+            argv = " ".join(to_argv(spec))
+            lines.append(f"| `{entry.name}` | {data} | `{argv}` |")
+    return lines
+
+
+def forward_flops_text(suite) -> str:
+    """FLOPs of one sample's forward pass through the suite's network, for 28x28 grey images."""
+    from . import invertible  # noqa: F401  (registers the invertible architectures)
+    from .architectures import build
+    from .flops import forward_flops
+
+    net = build(replace(suite.network, arch=suite.arch), (1, 28, 28), 10)
+    parameters = sum(p.numel() for p in net.parameters())
+    return f"{forward_flops(net, (1, 28, 28)) / 1e6:.2f} MFLOP per 28x28 sample forward, {parameters:,} parameters"
+
+
+def published_notes(published: dict) -> list[str]:
+    """The notes of the published numbers shown (one line each; the LFNN one says what is not BP-free)."""
+    notes = dict.fromkeys(p.note for p in published.values() if p.note)
+    return [f"- {note}." for note in notes]
 
 
 def _ratio(value: float) -> str:
@@ -202,6 +226,8 @@ def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall
               f"for the test runs (ties: the one closest to the default). The test split is never seen by this "
               f"choice."
               if suite.tune_epochs else
+              f"Learning rate: the published recipe's, {suite.recipe['lr']:g}, for every row; no tuning."
+              if "lr" in suite.recipe else
               "Learning rates: every rule at its documented default (Adam 1e-3; 1e-4 for gaitprop/tp/itp, "
               "whose orthogonality regulariser needs slow steps); no tuning in this suite.")
     lines = [
@@ -217,11 +243,10 @@ def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall
         f"(every run is its own `localcredit train` process). Report written {wall}.",
         "",
         "## What every rule got",
-        f"- Network: hidden sizes {'-'.join(map(str, suite.hidden))} for every rule. `mlp` rules: "
-        f"input-{'-'.join(map(str, suite.hidden))}-10 ReLU. Rules that invert their layers (gaitprop, tp, itp) train "
-        "the same hidden sizes as an `invertible` network (leaky ReLU 0.1, square layers, a square output layer "
-        "whose first 10 units are the logits); `bp [invertible]` is BP on that very network, and their speed and "
-        "memory ratios are taken against it.",
+        f"- Network: `{' '.join(to_argv(suite.network)) or '--arch mlp'}` for every rule "
+        f"({forward_flops_text(suite)}). Rules that invert their layers (gaitprop, tp, itp) train an "
+        "invertible network instead (square layers, leaky ReLU 0.1; see each row's command below); BP on that very "
+        "network is a row of its own, and their speed and memory ratios are taken against it.",
         f"- Data: {', '.join(datasets)}; {train_size}; inputs standardised with training statistics. "
         f"{suite.epochs} epoch(s), batch {suite.batch_size}, Adam, seeds 0..{suite.seeds - 1}; every other "
         "option at the rule's default (`localcredit rules` lists them).",
@@ -237,14 +262,18 @@ def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall
         "times (results.csv: `seconds_per_epoch`, `epoch_time_ratio_to_bp`) were taken while runs shared the "
         "CPU, so they are noisier.",
         "",
-        "## Test accuracy (mean ± std over seeds), speed and memory",
+        "## Test error (mean ± std over seeds) beside the published error, speed and memory",
         "",
-        *summary_table(rows, chosen, datasets, lrs),
+        *summary_table(rows, chosen, datasets, lrs, suite.published),
         "",
-        "Paper numbers are test accuracies from METHODS.md (BioTorch's LeNet benchmark for bp/fa/dfa; the "
-        "LFNN authors' released MLP logs); they come from other networks and training lengths, so they frame "
-        "the measured numbers rather than being targets. local-random/local-learned and nan have no reachable "
-        "numbers.",
+        "Published errors come from METHODS.md with their sources (`localcredit/published.py`); '-' where none "
+        "exists for that row. *published BP-free*: whether the published training kept the error from crossing "
+        "blocks end to end." + (f" Recipe and comparability: {suite.source}." if suite.source else ""),
+        *published_notes(suite.published),
+        "",
+        "## Each row's recipe (the `localcredit train` options of its test runs, seed and output left out)",
+        "",
+        *recipe_table(suite, chosen, lrs),
         "",
     ]
     for data in datasets:
@@ -374,3 +403,60 @@ def write_report(options, chosen: Sequence[Entry], tune: Sequence[Run], final: S
     for name, plot in zip(PLOTS, (plot_learning_curves, plot_accuracy, plot_alignment, plot_cost)):
         plot(out / name, rows, chosen, datasets)
     return {"rows": len(rows), "files": ["results.csv", "RESULTS.md", *PLOTS]}
+
+
+# ----- a suite of cases (paper) ------------------------------------------------------------------------
+def case_rows(folder: Path) -> list[dict]:
+    """The final runs' rows of one case's results.csv (none when the case has not been run)."""
+    path = folder / "results.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row["stage"] == "final"]
+
+
+def case_lines(case, rows: list[dict]) -> list[str]:
+    """One line per row and data set of a case: our error beside the published one."""
+    from .bench_plan import suite_entries
+
+    lines = []
+    for data in case.datasets:
+        for entry in suite_entries(case):
+            runs = [r for r in rows if r["label"] == entry.label and r["data"] == data]
+            errors = [1 - float(r["accuracy"]) for r in runs if r["status"] == "ok"]
+            paper = case.published.get((entry.name, data))
+            ratios = [_mean_cell([r.get(key) for r in runs]) for key in ("step_time_ratio_to_bp",
+                                                                           "step_memory_ratio_to_bp")]
+            cells = [case.name, f"`{entry.name}`", entry.arch, data, str(case.epochs),
+                     _fmt(errors) if errors else "not run", f"{paper.error:g}" if paper else "-",
+                     paper.bp_free_text if paper else "-", *ratios]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _mean_cell(values: Sequence[str | None]) -> str:
+    numbers = [float(v) for v in values if v not in (None, "")]
+    return _ratio(statistics.mean(numbers)) if numbers else "-"
+
+
+def write_cases_report(options) -> dict:
+    """OUT/RESULTS.md of a suite of cases: every case's rows beside the published errors, read back from
+    OUT/<case>/results.csv, so cases run at different times (or on other machines) join one table."""
+    suite, out = options.suite, options.out
+    header = ("| case | rule | network | data | epochs | test error % (ours) | published error % | "
+              "published BP-free | step time vs BP | step memory vs BP |")
+    lines = [f"# Benchmark: suite `{suite.name}`", "", f"{suite.description}.", "",
+             "Every case is a bench of its own in `<case>/` (its RESULTS.md gives each row's exact options, "
+             "the machine, step time and memory); this table gathers them. 'not run': run it with "
+             f"`localcredit bench --suite {suite.name} --cases CASE --out {out} --resume`.", "",
+             header, "|" + "---|" * (header.count("|") - 1)]
+    published = {}
+    for case in suite.cases:
+        lines += case_lines(case, case_rows(out / case.name))
+        published.update(case.published)
+    lines += ["", "Sources and recipes:", ""]
+    lines += [f"- `{case.name}`: {case.source}." for case in suite.cases]
+    lines += ["", *published_notes(published), ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "RESULTS.md").write_text("\n".join(lines))
+    return {"rows": len(lines), "files": ["RESULTS.md"]}

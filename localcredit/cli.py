@@ -214,20 +214,42 @@ def cmd_continual(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchOptions, get_suite, run_bench, with_seeds
+    from .bench import BenchOptions, estimate, get_suite, run_bench, with_seeds
 
     suite = with_seeds(get_suite(args.suite), args.seeds)
-    names = [n.strip() for n in args.rules.split(",") if n.strip()] if args.rules else list(rules.available())
+    names = [n.strip() for n in args.rules.split(",") if n.strip()] if args.rules is not None else None
+    cases = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases is not None else None
+    if args.device is not None:
+        resolve_device(args.device)  # a device this machine lacks is refused before any run starts
     cores = os.cpu_count() or 1
     workers = max(1, min(4, cores)) if args.workers is None else args.workers
     threads = max(1, cores // max(workers, 1)) if args.threads is None else args.threads
     options = BenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
                            workers=workers, threads=threads, resume=args.resume, overwrite=args.overwrite,
                            progress=not args.quiet, command="localcredit " + shlex.join(args.argv),
-                           resume_hint=_resume_command(args.argv))
+                           resume_hint=_resume_command(args.argv),
+                           device=None if args.device is None else args.device, cases=cases)
+    if args.estimate:
+        return _print_estimate(estimate(options), workers)
     summary = run_bench(options)
     print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
           f"{options.out}/RESULTS.md, results.csv and {len(summary['files']) - 2} plots")
+    return 0
+
+
+def _print_estimate(rows: list[dict], workers: int) -> int:
+    """One line per row of each case: its step time here and the CPU hours its planned runs need."""
+    print(f"{'case':32s} {'row':28s} {'ms/step':>8s} {'steps':>9s} {'CPU hours':>9s}")
+    for row in rows:
+        print(f"{row['case']:32s} {row['row']:28s} {row['ms_per_step']:8.1f} {row['steps']:9d} {row['hours']:9.2f}")
+    by_case: dict[str, float] = {}
+    for row in rows:
+        by_case[row["case"]] = by_case.get(row["case"], 0.0) + row["hours"]
+    for case, hours in by_case.items():
+        print(f"{case}: {hours:.2f} CPU hours, about {hours / workers:.2f} h wall with {workers} runs at a time")
+    loads = [row["load_average_1min"] for row in rows]
+    print(f"(one thread per step, 1-minute load average {min(loads):.1f}-{max(loads):.1f} while probing; "
+          f"training steps only, first tuning grid included)")
     return 0
 
 
@@ -283,10 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_continual)
 
     p = sub.add_parser("bench", help="run a benchmark suite: every rule x data set x seed -> table and plots")
-    p.add_argument("--suite", required=True, help="smoke | quick | full (see docs/bench.md)")
+    p.add_argument("--suite", required=True, help="smoke | quick | full | conv | paper (see docs/bench.md)")
     _add_output_options(p, "runs/bench/<suite>; with --resume, finished runs are skipped")
     p.add_argument("--seeds", type=int, default=None, help="seeds per rule and data set (default: the suite's)")
-    p.add_argument("--rules", default=None, help="comma-separated subset of rules (default: every registered rule)")
+    p.add_argument("--rules", default=None, help="comma-separated subset of rows: rules, or a paper suite's pred, sim "
+                                                 "(default: the suite's rows; every registered rule for most)")
+    p.add_argument("--cases", default=None, help="paper suite: comma-separated cases to run (default: all)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto, passed on to every training "
+                                                  "(default: train's, auto)")
+    p.add_argument("--estimate", action="store_true",
+                   help="print each row's CPU hours (a short probe's step time x the planned steps); train nothing")
     p.add_argument("--workers", type=int, default=None, help="runs at a time (default: CPU cores, at most 4)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / workers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -12,8 +12,11 @@ import pytest
 from localcredit import rules
 from localcredit.architectures import NetSpec
 from localcredit.errors import UserError
-from localcredit.bench import (SUITES, BenchOptions, Entry, Run, Suite, entries, final_runs, initial_grid, run_bench,
-                               train_arguments, tune, tuning_runs, validate_suite, widen)
+from localcredit.architectures import VGG8B
+from localcredit.bench import (SUITES, BenchOptions, Entry, Run, Suite, default_lr, entries, final_runs, initial_grid,
+                               run_bench, spec_of, suite_entries, train_arguments, tune, tuning_runs, validate_suite,
+                               widen, with_seeds)
+from localcredit.bench_plan import FRAMING, PAPER
 from localcredit.bench_report import PLOTS
 from localcredit.cli import main
 from localcredit.rules.backprop import Backprop
@@ -22,7 +25,7 @@ from localcredit.rules.base import _REGISTRY, register
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 TINY = Suite("tiny", "test suite", datasets=("fashion-mnist",), network=NetSpec(hidden=[64, 64]), epochs=2, seeds=1,
-             limit_train=3000, tune_epochs=1, lr_span=1, lr_extensions=0)
+             limit_train=3000, tune_epochs=1, lr_span=1, lr_extensions=0, published=FRAMING)
 
 
 @pytest.mark.parametrize("name", sorted(SUITES))
@@ -116,7 +119,7 @@ def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path
     assert len(list(tmp_path.glob("runs/final/**/checkpoint.pt"))) == 2
 
     report = (tmp_path / "RESULTS.md").read_text()
-    for text in ("`bp`", "`local-random`", "90.8", "validation accuracy", "pytest tiny suite"):
+    for text in ("`bp`", "`local-random`", "9.2", "validation accuracy", "pytest tiny suite"):
         assert text in report
     for name in PLOTS:
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
@@ -157,3 +160,92 @@ def test_a_suite_on_a_conv_network_builds_every_rule_and_passes_its_options_on()
     invertible = train_arguments(Run("final", Entry("gaitprop", "invertible"), "fashion-mnist", 0, 1e-4), suite,
                                  Path("out"), threads=1)
     assert "--channels" not in invertible and invertible[invertible.index("--hidden") + 1] == "16"
+
+
+# ----- the conv and paper suites ----------------------------------------------------------------------
+GAIT_FAMILY = ("gaitprop", "itp", "tp")
+
+
+def test_the_conv_suite_runs_every_registered_rule_and_the_gait_family_on_invertible_conv_beside_bp():
+    conv = SUITES["conv"]
+    chosen = suite_entries(conv)
+    assert {e.rule for e in chosen} == set(rules.available())
+    for name in GAIT_FAMILY:
+        assert Entry(name, "invertible-conv") in chosen
+    assert Entry("bp", "invertible-conv") in chosen and Entry("bp", "vgg") in chosen
+    assert conv.datasets == ("fashion-mnist", "mnist") and conv.seeds == 2 and conv.tune_epochs
+    validate_suite(conv, chosen)
+    fashion = spec_of(Run("final", Entry("fa", "vgg"), "fashion-mnist", 0, 1e-3), conv)
+    digits = spec_of(Run("final", Entry("fa", "vgg"), "mnist", 0, 1e-3), conv)
+    assert fashion.augment == "crop:2,flip" and digits.augment == "crop:2"  # flip only where it keeps the meaning
+    assert fashion.lr_schedule == "step" and fashion.lr_decay == 0.25
+
+
+#: The published recipes, field by field (anokland/local-loss run_experiments.sh; the LFNN logs).
+PUBLISHED_RECIPES = {
+    "local-loss-mlp-mnist": dict(epochs=100, milestones=[50, 75, 89, 94], dropout=0.1, augment="crop:2",
+                                 hidden=[1024, 1024, 1024], arch="mlp"),
+    "local-loss-mlp-fashion-mnist": dict(epochs=200, milestones=[100, 150, 175, 188], dropout=0.025,
+                                         augment="crop:2,flip", hidden=[1024, 1024, 1024], arch="mlp"),
+    "local-loss-vgg8b-mnist": dict(epochs=100, milestones=[50, 75, 89, 94], dropout=0.2, augment="crop:2",
+                                   channels=VGG8B, hidden=[1024], arch="vgg"),
+    "local-loss-vgg8b-fashion-mnist": dict(epochs=200, milestones=[100, 150, 175, 188], dropout=0.1,
+                                           augment="crop:2,flip", channels=VGG8B, hidden=[1024], arch="vgg"),
+}
+
+
+@pytest.mark.parametrize("case_name, expected", sorted(PUBLISHED_RECIPES.items()))
+def test_the_local_loss_cases_train_the_published_recipe_field_by_field(case_name, expected):
+    case = PAPER.case(case_name)
+    chosen = suite_entries(case)
+    assert [e.name for e in chosen] == ["bp", "pred", "sim", "predsim"]
+    for entry in chosen:
+        spec = spec_of(Run("final", entry, case.datasets[0], 0, default_lr(entry, case)), case)
+        assert spec.optimizer == "adam" and spec.lr == 5e-4 and spec.batch_size == 128
+        assert spec.lr_schedule == "step" and spec.lr_decay == 0.25 and spec.norm == "batch"
+        for key, value in expected.items():
+            assert getattr(spec, key) == value, (entry.name, key)
+        # local-loss runs sim and predsim with --nonlin leakyrelu, bp and pred with its default ReLU
+        assert spec.activation == ("leaky_relu" if entry.name in ("sim", "predsim") else None)
+    assert [e.rule for e in chosen] == ["bp", "local-learned", "predsim", "predsim"]
+    assert spec_of(Run("final", chosen[2], case.datasets[0], 0, 5e-4), case).options == ["loss=sim"]
+    assert case.published["bp", case.datasets[0]].bp_free is False
+    assert case.published["predsim", case.datasets[0]].bp_free is True
+
+
+def test_the_lfnn_and_biotorch_cases_train_their_published_networks():
+    lfnn = PAPER.case("lfnn-mlp-mnist")
+    entry = suite_entries(lfnn)[0]
+    spec = spec_of(Run("final", entry, "mnist", 0, default_lr(entry, lfnn)), lfnn)
+    assert (spec.rule, spec.hidden, spec.epochs, spec.batch_size, spec.optimizer, spec.lr) == (
+        "lfnn-l", [256, 128], 50, 128, "adam", 5e-4)
+    assert spec.options == ["workers=32", "delta=0.7"] and spec.augment == "none"
+    assert "not BP-free" in lfnn.published["lfnn-l", "mnist"].note
+    lenet = PAPER.case("biotorch-lenet")
+    assert [e.name for e in suite_entries(lenet)] == ["bp", "fa", "dfa"]
+    assert lenet.published["fa", "fashion-mnist"].error == 13.06
+    for case in PAPER.cases:
+        validate_suite(case, suite_entries(case))
+
+
+def test_a_tiny_conv_suite_writes_results_with_the_published_column(tmp_path, capsys):
+    tiny = replace(SUITES["conv"], datasets=("fashion-mnist",), limit_train=600, tune_limit_train=300, epochs=1,
+                   lr_span=0, lr_extensions=0, recipe={**SUITES["conv"].recipe, "milestones": [1]})
+    options = BenchOptions(suite=with_seeds(tiny, 1), out=tmp_path, rule_names=["bp", "local-learned"], workers=2,
+                           threads=1, progress=False, command="localcredit bench --suite conv --rules bp,local-learned")
+    run_bench(options)
+    report = (tmp_path / "RESULTS.md").read_text()
+    for text in ("`local-learned`", "published error %", "4.53", "published BP-free", "MFLOP", "--augment crop:2,flip"):
+        assert text in report, text
+
+
+def test_bench_estimate_and_cases_on_the_command_line(tmp_path, capsys):
+    assert main(["bench", "--suite", "paper", "--cases", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown case 'nope'" in err and len(err.splitlines()) == 1
+    assert main(["bench", "--suite", "conv", "--cases", "x", "--out", str(tmp_path)]) == 2
+    assert "--cases applies to a suite with cases" in capsys.readouterr().err
+    assert main(["bench", "--suite", "paper", "--cases", "lfnn-mlp-mnist", "--rules", "lfnn-l", "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "lfnn-mlp-mnist" in out and "CPU hours" in out
+    assert not list(tmp_path.iterdir())
