@@ -19,15 +19,18 @@ trained by its own cross-entropy on the detached last hidden output and makes th
 
 from __future__ import annotations
 
+import functools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..layers import WeightOp, weight_op
 from .base import option, register
 from .local_classifier import LocalLossRule, block_features, feature_size
 
@@ -231,36 +234,122 @@ def leadership_statistics(log: list[list[list[float]]], k: int, workers: int) ->
     return {"workers": workers, "leaders_per_sample": k, "leadership_per_block": blocks}
 
 
+class _WeightLayerCall:
+    """One call of a weight layer during an lfnn step: its output, and the local loss's gradient there."""
+
+    __slots__ = ("output", "local_gradient")
+
+    def __init__(self):
+        self.output: torch.Tensor | None = None
+        self.local_gradient: torch.Tensor | None = None
+
+
+class _Passes:
+    """Which backward pass is running: the worker loss's (into one block) or the global one."""
+
+    local = False
+
+
+class _SharedWeightGradient(torch.autograd.Function):
+    """y = op(x; W, b) whose weight gradient adds its block's worker-loss gradient to the global one.
+
+    In the worker-loss pass only the input gradient is computed (it carries the worker loss to the
+    block's lower layers; nothing is asked below the block). In the global pass the input gradient
+    is the global loss's alone, and dL/dW is computed once from (global + local) output gradient:
+    a weight gradient is linear in the output gradient, so this is the sum of the two passes' dL/dW.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, call: _WeightLayerCall, passes: _Passes, op: WeightOp, module: nn.Module):
+        ctx.save_for_backward(x, weight)
+        ctx.call, ctx.passes, ctx.op, ctx.module = call, passes, op, module
+        return op.forward(module, x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        op, module = ctx.op, ctx.module
+        grad_x = op.input_gradient(module, x, weight, grad_out) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_bias = None
+        if not ctx.passes.local and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            local = ctx.call.local_gradient
+            grad_weight, grad_bias = op.parameter_gradients(module, x, grad_out if local is None else grad_out + local)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def _recorded_forward(module: nn.Module, op: WeightOp, calls: list[_WeightLayerCall], passes: _Passes,
+                      x: torch.Tensor) -> torch.Tensor:
+    x = op.prepare_input(module, x)
+    call = _WeightLayerCall()
+    call.output = _SharedWeightGradient.apply(x, module.weight, module.bias, call, passes, op, module)
+    calls.append(call)
+    return call.output
+
+
 @register("lfnn")
 class LeaderFollower(LeaderFollowerLocal):
     """LFNN (Yin et al. 2023): lfnn-l's worker losses plus a global cross-entropy backpropagated end to end.
 
-    One forward pass keeps the graph from the input to the logits; each block's worker loss is
-    backpropagated into that block and its worker head only (``backward(inputs=...)``), and the
-    global loss into every block. A block whose input carries no graph (the first: its input is the
-    data) has nothing below it to keep its worker loss from, so that loss joins the global backward
-    pass, and the block's weight gradient is computed once instead of twice.
+    One forward pass keeps the graph from the input to the logits. Each block's worker loss reaches
+    that block and its worker head only, and the global loss every block. The worker loss is
+    backpropagated as far as the outputs of the block's weight layers (Linear, Conv; and into its
+    other parameters, such as batch norm's, and the worker head); the global pass then computes each
+    weight layer's dL/dW once, from the sum of both output gradients, instead of a second time
+    (the weight gradients are the bulk of a backward pass).
     """
 
     Config = GlobalLeaderFollowerConfig
     local = False  # its global loss is backpropagated through every block
 
+    @contextmanager
+    def _shared_weight_gradients(self) -> Iterator[tuple[list[list[_WeightLayerCall]], _Passes]]:
+        """While inside, the hidden blocks' registered weight layers record their calls (per block)."""
+        calls: list[list[_WeightLayerCall]] = [[] for _ in self.net.blocks]
+        passes, patched = _Passes(), []
+        try:
+            for l, block in enumerate(self.net.blocks):
+                for module in block.modules():
+                    op = weight_op(module)
+                    if op is not None:
+                        module.forward = functools.partial(_recorded_forward, module, op, calls[l], passes)
+                        patched.append(module)
+            yield calls, passes
+        finally:
+            for module in patched:
+                del module.forward
+
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         total = x.new_zeros(())
-        with_global = x.new_zeros(())  # worker losses of blocks fed by a tensor without a graph
-        for l, h_in, h in self.net.walk(x):
-            if l == len(self.net.blocks):
-                break  # h is the logits
-            loss = self.block_loss(l, h, y)
-            if h_in.requires_grad:
-                block = self.net.blocks[l]
-                loss.backward(inputs=[*block.parameters(), *self.worker_heads[l].parameters()], retain_graph=True)
-            else:
-                with_global = with_global + loss
-            total += loss.detach()
-        head_loss = F.cross_entropy(h, y)
-        # The head's own loss (as in lfnn-l) reaches the head only; the global copy reaches every block.
-        head_loss.backward(inputs=list(self.net.head.parameters()), retain_graph=True)
-        (self.config.global_weight * head_loss + with_global).backward()
+        with self._shared_weight_gradients() as (calls, passes):
+            for l, _, h in self.net.walk(x):
+                if l == len(self.net.blocks):
+                    break  # h is the logits
+                loss = self.block_loss(l, h, y)
+                self._worker_loss_backward(loss, self.net.blocks[l], self.worker_heads[l], calls[l], passes)
+                total += loss.detach()
+            head_loss = F.cross_entropy(h, y)
+            # The head's own loss (as in lfnn-l) reaches the head only; the global copy reaches every block.
+            head_loss.backward(inputs=list(self.net.head.parameters()), retain_graph=True)
+            (self.config.global_weight * head_loss).backward()
         total += (1 + self.config.global_weight) * head_loss.detach()
         return {"loss": total.item(), "head_loss": head_loss.item()}
+
+    @staticmethod
+    def _worker_loss_backward(loss: torch.Tensor, block: nn.Module, worker_head: nn.Module,
+                              calls: list[_WeightLayerCall], passes: _Passes) -> None:
+        """The worker loss's gradient at the block's weight-layer outputs (kept for the global pass),
+        and into its other parameters and the worker head (accumulated now)."""
+        in_weight_layers = {id(p) for m in block.modules() if weight_op(m) is not None for p in m.parameters()}
+        others = [p for p in (*block.parameters(), *worker_head.parameters())
+                  if p.requires_grad and id(p) not in in_weight_layers]
+        outputs = [call.output for call in calls]
+        passes.local = True
+        try:
+            grads = torch.autograd.grad(loss, [*outputs, *others], retain_graph=True, allow_unused=True)
+        finally:
+            passes.local = False
+        for call, grad in zip(calls, grads):
+            call.local_gradient = grad
+        for p, grad in zip(others, grads[len(outputs):]):
+            if grad is not None:
+                p.grad = grad if p.grad is None else p.grad + grad
