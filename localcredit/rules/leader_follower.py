@@ -295,7 +295,9 @@ class LeaderFollower(LeaderFollowerLocal):
     backpropagated as far as the outputs of the block's weight layers (Linear, Conv; and into its
     other parameters, such as batch norm's, and the worker head); the global pass then computes each
     weight layer's dL/dW once, from the sum of both output gradients, instead of a second time
-    (the weight gradients are the bulk of a backward pass).
+    (the weight gradients are the bulk of a backward pass). A block whose input carries no graph
+    (the first: its input is the data) has nothing below it to keep its worker loss from, so that
+    loss simply joins the global backward pass.
     """
 
     Config = GlobalLeaderFollowerConfig
@@ -320,17 +322,23 @@ class LeaderFollower(LeaderFollowerLocal):
 
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         total = x.new_zeros(())
+        with_global = x.new_zeros(())  # worker losses of blocks fed by a tensor without a graph
         with self._shared_weight_gradients() as (calls, passes):
-            for l, _, h in self.net.walk(x):
+            for l, h_in, h in self.net.walk(x):
                 if l == len(self.net.blocks):
                     break  # h is the logits
                 loss = self.block_loss(l, h, y)
-                self._worker_loss_backward(loss, self.net.blocks[l], self.worker_heads[l], calls[l], passes)
+                if h_in.requires_grad:
+                    self._worker_loss_backward(loss, self.net.blocks[l], self.worker_heads[l], calls[l], passes)
+                else:
+                    # Nothing below to keep the worker loss from: it rides the global pass whole, and the
+                    # block's other layers (activations, pooling) are backpropagated once, not twice.
+                    with_global = with_global + loss
                 total += loss.detach()
             head_loss = F.cross_entropy(h, y)
             # The head's own loss (as in lfnn-l) reaches the head only; the global copy reaches every block.
             head_loss.backward(inputs=list(self.net.head.parameters()), retain_graph=True)
-            (self.config.global_weight * head_loss).backward()
+            (self.config.global_weight * head_loss + with_global).backward()
         total += (1 + self.config.global_weight) * head_loss.detach()
         return {"loss": total.item(), "head_loss": head_loss.item()}
 
