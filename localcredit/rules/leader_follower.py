@@ -347,7 +347,9 @@ class LeaderFollower(LeaderFollowerLocal):
                               calls: list[_WeightLayerCall], passes: _Passes) -> None:
         """The worker loss's gradient at the block's weight-layer outputs (kept for the global pass),
         and into its other parameters and the worker head (accumulated now)."""
-        in_weight_layers = {id(p) for m in block.modules() if weight_op(m) is not None for p in m.parameters()}
+        # The weights and biases that get their worker-loss gradient in the global pass, from the calls
+        in_weight_layers = {id(p) for m in block.modules() if weight_op(m) is not None
+                            for p in (m.weight, m.bias) if p is not None}
         others = [p for p in (*block.parameters(), *worker_head.parameters())
                   if p.requires_grad and id(p) not in in_weight_layers]
         outputs = [call.output for call in calls]
