@@ -111,6 +111,27 @@ class TestNextLayerAttention(RuleContract):
                 largest_dropped = torch.where(spent == 0, rows.abs(), -math.inf).max(1).values
                 assert (smallest_kept >= largest_dropped).all()
 
+    @pytest.mark.parametrize("options", [[], ["tau=0.2", "budget=2.5"], ["attention=topk", "k=7"]])
+    def test_kernel_equals_the_formula_written_out(self, fashion_small, options):
+        # The kernel is computed in place for speed; this is the formula of the docstring, step by step.
+        def reference(weight, config):
+            rows = weight.flatten(1)
+            magnitude = rows.abs()
+            if config.attention == "softmax":
+                scale = magnitude.mean(1, keepdim=True).clamp_min(torch.finfo(magnitude.dtype).tiny)
+                shares = torch.softmax(magnitude / (config.tau * scale), dim=1)
+            else:
+                top = magnitude.topk(min(config.k, rows.shape[1]), dim=1)
+                kept = torch.zeros_like(magnitude).scatter_(1, top.indices, top.values)
+                shares = kept / kept.sum(1, keepdim=True)
+            return (torch.sign(rows) * shares * config.budget * magnitude.sum(1, keepdim=True)).view_as(weight)
+
+        rule = self.make(fashion_small, arch="mlp", hidden=[64, 32], options=options)
+        for weight, kernel in self.kernels(rule):
+            before = weight.clone()
+            torch.testing.assert_close(kernel, reference(weight, rule.config), rtol=1e-6, atol=0)
+            assert torch.equal(weight, before)  # the in-place steps work on copies
+
     def test_per_sample_attention_sums_match_the_budget(self, fashion_small):
         # alpha_ji = s_j M_ji for one sample: j's total is budget |s_j| ||w_j||_1, and A_i = sum_j alpha_ji
         # is exactly what the rule passes down.

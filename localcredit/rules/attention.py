@@ -142,10 +142,14 @@ class BudgetConfig:
 
 
 def budget_shares(magnitude: torch.Tensor, config: BudgetConfig) -> torch.Tensor:
-    """Per row j, non-negative shares over the inputs that sum to one."""
+    """Per row j, non-negative shares over the inputs that sum to one.
+
+    ``magnitude`` is |w| with one row per next-layer unit; with softmax attention it is overwritten
+    (the kernel is recomputed for every layer in every backward pass: no temporaries it can spare).
+    """
     if config.attention == "softmax":
-        scale = magnitude.mean(1, keepdim=True).clamp_min(torch.finfo(magnitude.dtype).tiny)
-        return torch.softmax(magnitude / (config.tau * scale), dim=1)
+        scale = magnitude.mean(1, keepdim=True).clamp_min_(torch.finfo(magnitude.dtype).tiny)
+        return torch.softmax(magnitude.div_(scale.mul_(config.tau)), dim=1)
     k = min(config.k, magnitude.shape[1])
     top = magnitude.topk(k, dim=1)
     kept = torch.zeros_like(magnitude).scatter_(1, top.indices, top.values)
@@ -170,6 +174,7 @@ class NextLayerAttention(NextLayerAttentionBP):
     def attention_kernel(self, weight: torch.Tensor) -> torch.Tensor:
         rows = weight.flatten(1)
         magnitude = rows.abs()
-        row_budget = self.config.budget * magnitude.sum(1, keepdim=True)
+        row_budget = magnitude.sum(1, keepdim=True).mul_(self.config.budget)
+        # In place on the fresh shares: one (out, in) temporary fewer per layer and step.
         # copysign gives w = +0 the sign +1, so no share of the budget is lost.
-        return torch.copysign(budget_shares(magnitude, self.config) * row_budget, rows).view_as(weight)
+        return budget_shares(magnitude, self.config).mul_(row_budget).copysign_(rows).view_as(weight)

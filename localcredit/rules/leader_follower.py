@@ -1,7 +1,11 @@
 """Leader-follower neural networks: lfnn-l (BP-free) and lfnn (plus a global backpropagated loss).
 
 Yin et al. 2023, "Emergent leadership in self-organizing neural networks" / LFNN, arXiv 2310.07885.
-After every hidden block a worker head gives N workers x C logits o_1..o_N. Per sample:
+After every hidden block a worker head gives N workers x C logits o_1..o_N: by default one linear
+map from all of the block's units to the N*C logits (``worker_head=dense``); with
+``worker_head=grouped`` worker j is a linear classifier on its own contiguous group of the units
+(a literal reading of "a worker is a group of units that makes its own class prediction", about
+F*N*C / (F*C) = N times cheaper, but it learned worse here: docs/lfnn.md). Per sample:
 l_j = CE(o_j, y); the k = ceil(delta N) workers with the lowest l_j are the leaders, the rest
 follow; j* is the best leader. The block and its worker head minimise
 
@@ -15,15 +19,18 @@ trained by its own cross-entropy on the detached last hidden output and makes th
 
 from __future__ import annotations
 
+import functools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..layers import WeightOp, weight_op
 from .base import option, register
 from .local_classifier import LocalLossRule, block_features, feature_size
 
@@ -33,6 +40,11 @@ class LeaderFollowerConfig:
     workers: int = option(32, "workers N per hidden block (each predicts all C classes)")
     delta: float = option(0.7, "leader fraction: ceil(delta * workers) leaders per sample")
     follower_weight: float = option(1.0, "weight of the follower loss against the leader loss")
+    worker_head: Literal["dense", "grouped"] = option(
+        "dense", "dense: one Linear(F, N*C) through which every worker reads all F features of its block "
+                 "(F*N*C weights); grouped: worker j is a linear classifier on its own contiguous group of the "
+                 "features (F*C weights, the first F mod N workers read one more; N times cheaper, learned "
+                 "worse in our tests: docs/lfnn.md)")
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -58,33 +70,71 @@ class GlobalLeaderFollowerConfig(LeaderFollowerConfig):
             raise UserError(f"option global_weight must be >= 0, got {self.global_weight}")
 
 
+class GroupedWorkerHead(nn.Module):
+    """N workers, worker j a linear classifier Linear(g_j, C) on its own contiguous group of g_j features.
+
+    F = N q + r features: the first r workers read q + 1 of them, the others q. The output equals
+    that of a Linear(F, N*C) whose weight is zero outside the blocks (worker j's C rows, group j's
+    columns), at F*C multiply-adds per sample instead of F*N*C: each run of equal group sizes is one
+    batched matmul. Every worker is initialised as nn.Linear(g_j, C) would be.
+    """
+
+    def __init__(self, features: int, workers: int, classes: int):
+        super().__init__()
+        if features < workers:
+            raise UserError(f"worker_head=grouped needs at least one feature per worker: a block has {features} "
+                            f"features for {workers} workers (lower workers, or use worker_head=dense)")
+        q, r = divmod(features, workers)
+        #: (workers, features per worker) of each run of equal groups, in feature order
+        self.runs = [(n, g) for n, g in ((r, q + 1), (workers - r, q)) if n > 0]
+        self.weights = nn.ParameterList()  # per run (n, C, g): worker i's nn.Linear weight is [i]
+        biases = []
+        for n, g in self.runs:
+            bound = 1 / math.sqrt(g)  # nn.Linear's default initialisation for fan-in g
+            self.weights.append(nn.Parameter(torch.empty(n, classes, g).uniform_(-bound, bound)))
+            biases.append(torch.empty(n, classes, 1).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.cat(biases))  # (N, C, 1): broadcasts over the batch
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F) features -> (B, N, C) logits (a view of an (N, C, B) tensor)."""
+        # One transposed copy makes every group a contiguous (g, B) slice: batched matmuls on
+        # contiguous operands are several times faster on CPU than on strided views of (B, F).
+        columns, out, start, first = features.t().contiguous(), [], 0, 0
+        for (n, g), weight in zip(self.runs, self.weights):
+            groups = columns[start:start + n * g].view(n, g, -1)
+            out.append(torch.baddbmm(self.bias[first:first + n], weight, groups))  # (n, C, B)
+            start, first = start + n * g, first + n
+        return (out[0] if len(out) == 1 else torch.cat(out)).permute(2, 0, 1)
+
+
 def worker_losses(worker_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B, N, C) logits -> (B, N) cross-entropy of every worker on every sample, in one call."""
-    batch, workers, classes = worker_logits.shape
-    targets = y[:, None].expand(batch, workers).reshape(-1)
-    return F.cross_entropy(worker_logits.reshape(-1, classes), targets, reduction="none").view(batch, workers)
+    batch, workers, _ = worker_logits.shape
+    # Classes on dim 1, as cross_entropy takes (B, C, d) inputs: log-softmax over a last dimension
+    # of size C = 10 is several times slower on CPU.
+    return F.cross_entropy(worker_logits.transpose(1, 2), y[:, None].expand(batch, workers), reduction="none")
 
 
 def select_leaders(losses: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, the k lowest-loss workers: (B, N) boolean leader mask and (B,) index of the best one."""
-    ranked = losses.detach().topk(k, dim=1, largest=False, sorted=True).indices
-    mask = torch.zeros_like(losses, dtype=torch.bool).scatter_(1, ranked, True)
-    return mask, ranked[:, 0]
+    losses = losses.detach()
+    chosen = losses.topk(k, dim=1, largest=False, sorted=False)  # sorting them costs more than the selection
+    mask = torch.zeros_like(losses, dtype=torch.bool).scatter_(1, chosen.indices, True)
+    return mask, chosen.indices.gather(1, chosen.values.argmin(1, keepdim=True)).view(-1)
 
 
 def leader_follower_loss(worker_logits: torch.Tensor, y: torch.Tensor, k: int,
                          follower_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """L_lead + follower_weight * L_follow averaged over the batch, and the (B, N) leader mask."""
-    batch, workers, _ = worker_logits.shape
+    batch, workers, classes = worker_logits.shape
     losses = worker_losses(worker_logits, y)
     leaders, best = select_leaders(losses, k)
-    lead = (losses * leaders).sum(1) / k
-    loss = lead.mean()
+    # Each mean (over the k leaders or N - k followers, then over the batch) as one sum and one scale.
+    loss = (losses * leaders).sum() / (k * batch)
     if workers > k and follower_weight > 0:
-        best_logits = worker_logits[torch.arange(batch, device=y.device), best].detach()
-        distance = (worker_logits - best_logits[:, None]).pow(2).mean(2)  # (1/C)||o_i - sg(o_j*)||^2
-        follow = (distance * ~leaders).sum(1) / (workers - k)
-        loss = loss + follower_weight * follow.mean()
+        best_logits = worker_logits.detach().gather(1, best.view(batch, 1, 1).expand(batch, 1, classes))
+        distance = (worker_logits - best_logits).square().sum(2)  # C * (1/C)||o_i - sg(o_j*)||^2
+        loss = loss + (distance * ~leaders).sum() * (follower_weight / (classes * (workers - k) * batch))
     return loss, leaders
 
 
@@ -97,7 +147,11 @@ class LeaderFollowerLocal(LocalLossRule):
     def __init__(self, net, config=None, optim=None):
         super().__init__(net, config, optim)
         n, c = self.config.workers, net.num_classes
-        self.worker_heads = nn.ModuleList(nn.Linear(feature_size(shape), n * c) for shape in net.hidden_shapes())
+        if self.config.worker_head == "grouped":
+            heads = [GroupedWorkerHead(feature_size(shape), n, c) for shape in net.hidden_shapes()]
+        else:
+            heads = [nn.Linear(feature_size(shape), n * c) for shape in net.hidden_shapes()]
+        self.worker_heads = nn.ModuleList(heads)
         # Leadership bookkeeping: this epoch's per-worker leader counts (a tensor, no sync per step)
         # and, per finished epoch, each worker's leader frequency (plain lists, checkpointed).
         self.register_buffer("leader_counts", torch.zeros(len(net.blocks), n), persistent=False)
@@ -106,7 +160,8 @@ class LeaderFollowerLocal(LocalLossRule):
 
     # ----- the losses -----------------------------------------------------------------------
     def worker_logits(self, l: int, h: torch.Tensor) -> torch.Tensor:
-        return self.worker_heads[l](block_features(h)).view(len(h), self.config.workers, self.net.num_classes)
+        # (B, N*C) from a dense head, (B, N, C) from a grouped one
+        return self.worker_heads[l](block_features(h)).reshape(len(h), self.config.workers, self.net.num_classes)
 
     def block_loss(self, l: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss, leaders = leader_follower_loss(self.worker_logits(l, h), y, self.config.leaders,
@@ -179,30 +234,132 @@ def leadership_statistics(log: list[list[list[float]]], k: int, workers: int) ->
     return {"workers": workers, "leaders_per_sample": k, "leadership_per_block": blocks}
 
 
+class _WeightLayerCall:
+    """One call of a weight layer during an lfnn step: its output, and the local loss's gradient there."""
+
+    __slots__ = ("output", "local_gradient")
+
+    def __init__(self):
+        self.output: torch.Tensor | None = None
+        self.local_gradient: torch.Tensor | None = None
+
+
+class _Passes:
+    """Which backward pass is running: the worker loss's (into one block) or the global one."""
+
+    local = False
+
+
+class _SharedWeightGradient(torch.autograd.Function):
+    """y = op(x; W, b) whose weight gradient adds its block's worker-loss gradient to the global one.
+
+    In the worker-loss pass only the input gradient is computed (it carries the worker loss to the
+    block's lower layers; nothing is asked below the block). In the global pass the input gradient
+    is the global loss's alone, and dL/dW is computed once from (global + local) output gradient:
+    a weight gradient is linear in the output gradient, so this is the sum of the two passes' dL/dW.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, call: _WeightLayerCall, passes: _Passes, op: WeightOp, module: nn.Module):
+        ctx.save_for_backward(x, weight)
+        ctx.call, ctx.passes, ctx.op, ctx.module = call, passes, op, module
+        return op.forward(module, x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        op, module = ctx.op, ctx.module
+        grad_x = op.input_gradient(module, x, weight, grad_out) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_bias = None
+        if not ctx.passes.local and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            local = ctx.call.local_gradient
+            grad_weight, grad_bias = op.parameter_gradients(module, x, grad_out if local is None else grad_out + local)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def _recorded_forward(module: nn.Module, op: WeightOp, calls: list[_WeightLayerCall], passes: _Passes,
+                      x: torch.Tensor) -> torch.Tensor:
+    x = op.prepare_input(module, x)
+    call = _WeightLayerCall()
+    call.output = _SharedWeightGradient.apply(x, module.weight, module.bias, call, passes, op, module)
+    calls.append(call)
+    return call.output
+
+
 @register("lfnn")
 class LeaderFollower(LeaderFollowerLocal):
     """LFNN (Yin et al. 2023): lfnn-l's worker losses plus a global cross-entropy backpropagated end to end.
 
-    One forward pass keeps the graph from the input to the logits; each block's worker loss is
-    backpropagated into that block and its worker head only (``backward(inputs=...)``), and the
-    global loss into every block.
+    One forward pass keeps the graph from the input to the logits. Each block's worker loss reaches
+    that block and its worker head only, and the global loss every block. The worker loss is
+    backpropagated as far as the outputs of the block's weight layers (Linear, Conv; and into its
+    other parameters, such as batch norm's, and the worker head); the global pass then computes each
+    weight layer's dL/dW once, from the sum of both output gradients, instead of a second time
+    (the weight gradients are the bulk of a backward pass). A block whose input carries no graph
+    (the first: its input is the data) has nothing below it to keep its worker loss from, so that
+    loss simply joins the global backward pass.
     """
 
     Config = GlobalLeaderFollowerConfig
     local = False  # its global loss is backpropagated through every block
 
+    @contextmanager
+    def _shared_weight_gradients(self) -> Iterator[tuple[list[list[_WeightLayerCall]], _Passes]]:
+        """While inside, the hidden blocks' registered weight layers record their calls (per block)."""
+        calls: list[list[_WeightLayerCall]] = [[] for _ in self.net.blocks]
+        passes, patched = _Passes(), []
+        try:
+            for l, block in enumerate(self.net.blocks):
+                for module in block.modules():
+                    op = weight_op(module)
+                    if op is not None:
+                        module.forward = functools.partial(_recorded_forward, module, op, calls[l], passes)
+                        patched.append(module)
+            yield calls, passes
+        finally:
+            for module in patched:
+                del module.forward
+
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         total = x.new_zeros(())
-        for l, _, h in self.net.walk(x):
-            if l == len(self.net.blocks):
-                break  # h is the logits
-            loss = self.block_loss(l, h, y)
-            block = self.net.blocks[l]
-            loss.backward(inputs=[*block.parameters(), *self.worker_heads[l].parameters()], retain_graph=True)
-            total += loss.detach()
-        head_loss = F.cross_entropy(h, y)
-        # The head's own loss (as in lfnn-l) reaches the head only; the global copy reaches every block.
-        head_loss.backward(inputs=list(self.net.head.parameters()), retain_graph=True)
-        (self.config.global_weight * head_loss).backward()
+        with_global = x.new_zeros(())  # worker losses of blocks fed by a tensor without a graph
+        with self._shared_weight_gradients() as (calls, passes):
+            for l, h_in, h in self.net.walk(x):
+                if l == len(self.net.blocks):
+                    break  # h is the logits
+                loss = self.block_loss(l, h, y)
+                if h_in.requires_grad:
+                    self._worker_loss_backward(loss, self.net.blocks[l], self.worker_heads[l], calls[l], passes)
+                else:
+                    # Nothing below to keep the worker loss from: it rides the global pass whole, and the
+                    # block's other layers (activations, pooling) are backpropagated once, not twice.
+                    with_global = with_global + loss
+                total += loss.detach()
+            head_loss = F.cross_entropy(h, y)
+            # The head's own loss (as in lfnn-l) reaches the head only; the global copy reaches every block.
+            head_loss.backward(inputs=list(self.net.head.parameters()), retain_graph=True)
+            (self.config.global_weight * head_loss + with_global).backward()
         total += (1 + self.config.global_weight) * head_loss.detach()
         return {"loss": total.item(), "head_loss": head_loss.item()}
+
+    @staticmethod
+    def _worker_loss_backward(loss: torch.Tensor, block: nn.Module, worker_head: nn.Module,
+                              calls: list[_WeightLayerCall], passes: _Passes) -> None:
+        """The worker loss's gradient at the block's weight-layer outputs (kept for the global pass),
+        and into its other parameters and the worker head (accumulated now)."""
+        # The weights and biases that get their worker-loss gradient in the global pass, from the calls
+        in_weight_layers = {id(p) for m in block.modules() if weight_op(m) is not None
+                            for p in (m.weight, m.bias) if p is not None}
+        others = [p for p in (*block.parameters(), *worker_head.parameters())
+                  if p.requires_grad and id(p) not in in_weight_layers]
+        outputs = [call.output for call in calls]
+        passes.local = True
+        try:
+            grads = torch.autograd.grad(loss, [*outputs, *others], retain_graph=True, allow_unused=True)
+        finally:
+            passes.local = False
+        for call, grad in zip(calls, grads):
+            call.local_gradient = grad
+        for p, grad in zip(others, grads[len(outputs):]):
+            if grad is not None:
+                p.grad = grad if p.grad is None else p.grad + grad
