@@ -194,11 +194,17 @@ def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
+#: A step's logged figures by name ("loss" among them): floats, or 0-dim tensors that may still be
+#: computing on the device. Reading a tensor (``.item()``) makes the host wait for the device, so a
+#: rule returns ``loss.detach()`` and the caller decides when to read (the Trainer: every few steps
+#: on CUDA, ``localcredit.train.read_figures``).
+StepFigures = dict[str, float | torch.Tensor]
+
 #: ``hook(rule, stats)`` runs after assign_credit, before the optimisers step. It may rewrite the
 #: gradients and the step's logged figures in place: data-parallel averaging reduces both (the
 #: gradients' reductions started during assign_credit), so every process logs (and checks for
 #: divergence) the same global figures.
-GradientHook = Callable[["Rule", dict[str, float]], None]
+GradientHook = Callable[["Rule", StepFigures], None]
 
 #: ``listener(params)`` learns, while assign_credit is still running, that the gradients of
 #: ``params`` are final for this step (the rule writes nothing more into them before the gradient
@@ -253,8 +259,9 @@ class Rule(nn.Module):
         """The learning rate when --lr is not given, on networks of ``arch`` (the benchmark tunes around it)."""
         return DEFAULT_LR[optimizer]
 
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """Write this rule's update direction into ``p.grad``; return scalars to log (incl. ``loss``)."""
+    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
+        """Write this rule's update direction into ``p.grad``; return scalars to log (incl. ``loss``):
+        floats or detached 0-dim tensors, never read on the host here (see :data:`StepFigures`)."""
         raise NotImplementedError
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
@@ -362,8 +369,8 @@ class Rule(nn.Module):
         for p in self.parameters():
             p.grad = None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One training step: the rule's credit assignment, then the optimisers."""
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
+        """One training step: the rule's credit assignment, then the optimisers; the logged figures."""
         self.net.train()
         self.zero_grad()
         stats = self.assign_credit(x, y)
