@@ -224,6 +224,10 @@ class Rule(nn.Module):
     #: such layers can train at the same time on different processes (``--parallel blocks``).
     #: A local rule implements :meth:`block_step_loss`.
     local: ClassVar[bool] = False
+    #: Why this rule's step waits for the device by design (a decision taken on values it computed),
+    #: or None: its step never waits (``benchmarks/gpu.py`` checks that on CUDA, and only counts the
+    #: waits of a rule that names them here).
+    syncs_per_step: ClassVar[str | None] = None
 
     def __init__(self, net: BlockNet, config: Any = None, optim: OptimConfig | None = None):
         super().__init__()

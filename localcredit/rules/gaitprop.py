@@ -92,6 +92,10 @@ class InvertibleTargetRule(Rule):
     Config: ClassVar[type] = TargetPropConfig
     default_arch: ClassVar[str] = "invertible"
     networks: ClassVar[tuple[str, ...]] = ("invertible", "invertible-conv")  # it inverts its layers
+    syncs_per_step: ClassVar[str | None] = (
+        "decisions on computed values: whether stale LU factors are still good enough (invertible.py "
+        "_relative), which columns carry error (Factorisation.solve's nonzero), whether any unit crosses "
+        "the kink (_pre_activation_change)")
 
     @classmethod
     def default_lr(cls, optimizer: str, arch: str | None = None) -> float:
