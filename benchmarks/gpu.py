@@ -46,8 +46,8 @@ from localcredit.experiment import RunSpec, build_rule
 from localcredit.memory import step_memory
 
 INVERTING = ("gaitprop", "itp", "tp")
-#: What torch's sync debug mode says, as an error (mode "error") or a warning (mode "warn").
-SYNC_WARNING = "synchroniz"
+#: In what torch's sync debug mode says at a wait, as an error (mode "error") or a warning (mode "warn").
+SYNC_MESSAGE = "synchroniz"
 #: network name -> RunSpec options (real run, dry run); the inverting rules' twin is "invertible-conv"
 NETWORKS = {
     "vgg": (dict(arch="vgg"), dict(arch="vgg", channels="4,M", hidden=[16])),
@@ -119,7 +119,7 @@ def sync_check(device: torch.device, by_design: str | None, counted: list[int]):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")  # every wait, not the first one per line
                 yield
-            counted.append(sum(SYNC_WARNING in str(w.message) for w in caught))
+            counted.append(sum(SYNC_MESSAGE in str(w.message) for w in caught))
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
@@ -185,7 +185,7 @@ def measure(rule_name: str, network: str, args, device, images) -> dict:
         with precision(args, device):  # the rule is warm: one more step warms the meter's ledger
             row.update(step_memory(rule, batches[:3], warmup=1))
     except Exception as exc:  # noqa: BLE001 -- the report names it; the other rules still run
-        key = "host_sync" if SYNC_WARNING in str(exc) else "error"  # the sync check's error, or another
+        key = "host_sync" if SYNC_MESSAGE in str(exc) else "error"  # the sync check's error, or another
         row[key] = where_it_synced(exc)
     return row
 
