@@ -9,7 +9,10 @@ For every registered rule on each conv net (vgg8b and ResNet-20; gaitprop, tp an
 * ``--warmup`` steps first (optimiser state and kernel choice are made there);
 * ``--steps`` steps, each inside ``torch.cuda.set_sync_debug_mode("error")``: a step that makes the
   host wait for the device (``.item()``, ``float(loss)``, ``.tolist()``, ``nonzero()``, a copy to
-  the CPU) raises, and the rule's row records where (``host_sync``) instead of figures;
+  the CPU) raises, and the rule's row records where (``host_sync``) instead of figures. A rule
+  whose step waits by design (it decides on values it computed; ``Rule.syncs_per_step`` says why:
+  gaitprop, tp, itp) runs under mode "warn" instead, and its row counts the waits
+  (``host_syncs_per_step``) beside the reason (``syncs_by_design``);
 * step time from CUDA events around those steps (one synchronisation after the last), peak memory
   as ``torch.cuda.max_memory_allocated`` over them minus the allocation before them, and the step
   memory of :mod:`localcredit.memory` over a few more steps; each as a ratio to BP on the same net;
@@ -17,8 +20,9 @@ For every registered rule on each conv net (vgg8b and ResNet-20; gaitprop, tp an
 
 ``--dry-run`` runs all of it on the CPU with tiny nets, a handful of steps and synthetic data (the
 sync check only exists on CUDA): the test suite runs it, so the script cannot rot where CI has no
-GPU. Exit status: 0 when every rule ran without a host synchronisation or another failure (named in
-its row, e.g. an operation without a bfloat16 kernel), 1 otherwise, 2 for bad input.
+GPU. Exit status: 0 when every rule ran without a host synchronisation it does not declare, or
+another failure (named in its row, e.g. an operation without a bfloat16 kernel), 1 otherwise, 2 for
+bad input.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,6 +46,8 @@ from localcredit.experiment import RunSpec, build_rule
 from localcredit.memory import step_memory
 
 INVERTING = ("gaitprop", "itp", "tp")
+#: In what torch's sync debug mode says at a wait, as an error (mode "error") or a warning (mode "warn").
+SYNC_MESSAGE = "synchroniz"
 #: network name -> RunSpec options (real run, dry run); the inverting rules' twin is "invertible-conv"
 NETWORKS = {
     "vgg": (dict(arch="vgg"), dict(arch="vgg", channels="4,M", hidden=[16])),
@@ -95,20 +102,28 @@ def training_images(args, device: torch.device, count: int) -> tuple[torch.Tenso
     return data.x_train[:count].to(device), data.y_train[:count].to(device), data
 
 
-def no_host_sync(device: torch.device):
-    """Make any synchronising CUDA call inside the block raise (CUDA only: a CPU has nothing to wait for)."""
+def sync_check(device: torch.device, by_design: str | None, counted: list[int]):
+    """The host-synchronisation check around one step (CUDA only: a CPU has nothing to wait for).
+
+    A rule whose step never waits: any synchronising call inside the block raises (sync debug mode
+    "error"). A rule that waits by design (``by_design``, its ``Rule.syncs_per_step``): the block's
+    waits are counted into ``counted`` instead (mode "warn", whose warnings are caught here).
+    """
     if device.type != "cuda":
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def strict():
-        torch.cuda.set_sync_debug_mode("error")
+    def checked():
+        torch.cuda.set_sync_debug_mode("warn" if by_design else "error")
         try:
-            yield
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")  # every wait, not the first one per line
+                yield
+            counted.append(sum(SYNC_MESSAGE in str(w.message) for w in caught))
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    return strict()
+    return checked()
 
 
 def precision(args, device: torch.device):
@@ -123,21 +138,24 @@ def where_it_synced(exc: BaseException) -> str:
     return f"{place}: {message}"
 
 
-def timed_steps(rule, batches, args, device: torch.device) -> float:
-    """Milliseconds per step over ``batches``, every step checked for host synchronisation."""
+def timed_steps(rule, batches, args, device: torch.device) -> tuple[float, float | None]:
+    """Milliseconds per step over ``batches``, every step checked for host synchronisation; and the
+    waits per step of a rule that waits by design (None otherwise, and on the CPU)."""
+    by_design, counted = type(rule).syncs_per_step, []
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
     else:
         began = time.perf_counter()
     for x, y in batches:
-        with no_host_sync(device), precision(args, device):
+        with sync_check(device, by_design, counted), precision(args, device):
             rule.step(x, y)
+    syncs = sum(counted) / len(batches) if counted else None
     if device.type == "cuda":
         end.record()
         torch.cuda.synchronize(device)  # once, after the last step
-        return start.elapsed_time(end) / len(batches)
-    return 1000 * (time.perf_counter() - began) / len(batches)
+        return start.elapsed_time(end) / len(batches), syncs
+    return 1000 * (time.perf_counter() - began) / len(batches), syncs
 
 
 def measure(rule_name: str, network: str, args, device, images) -> dict:
@@ -151,7 +169,8 @@ def measure(rule_name: str, network: str, args, device, images) -> dict:
     count = len(x_all) // b
     batches = [(x_all[(i % count) * b:(i % count + 1) * b], y_all[(i % count) * b:(i % count + 1) * b])
                for i in range(args.warmup + args.steps)]
-    row = {"rule": rule_name, "network": network, "arch": options["arch"], "batch_size": b, "bf16": args.bf16}
+    row = {"rule": rule_name, "network": network, "arch": options["arch"], "batch_size": b, "bf16": args.bf16,
+           "syncs_by_design": type(rule).syncs_per_step}
     try:
         with precision(args, device):
             for x, y in batches[:args.warmup]:
@@ -160,13 +179,13 @@ def measure(rule_name: str, network: str, args, device, images) -> dict:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        row["ms_per_step"] = timed_steps(rule, batches[args.warmup:], args, device)
+        row["ms_per_step"], row["host_syncs_per_step"] = timed_steps(rule, batches[args.warmup:], args, device)
         if device.type == "cuda":
             row["cuda_peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         with precision(args, device):  # the rule is warm: one more step warms the meter's ledger
             row.update(step_memory(rule, batches[:3], warmup=1))
     except Exception as exc:  # noqa: BLE001 -- the report names it; the other rules still run
-        key = "host_sync" if "synchroniz" in str(exc) else "error"  # the sync check's error, or another
+        key = "host_sync" if SYNC_MESSAGE in str(exc) else "error"  # the sync check's error, or another
         row[key] = where_it_synced(exc)
     return row
 
@@ -178,6 +197,20 @@ def add_ratios(rows: list[dict]) -> None:
         for key in ("ms_per_step", "cuda_peak_mb", "step_memory_mb"):
             ok = row.get(key) is not None and bp.get(key)
             row[f"{key}_ratio_to_bp"] = row[key] / bp[key] if ok else None
+
+
+def host_sync_cell(row: dict) -> str:
+    """The report's "host sync in the step" cell: none, where an undeclared one happened, or the
+    declared ones counted (not on the CPU) with their reason."""
+    if "error" in row:
+        return f"(failed: {row['error']})"
+    if "host_sync" in row:
+        return row["host_sync"]
+    if row["syncs_by_design"]:
+        counted = row.get("host_syncs_per_step")
+        count = f"{counted:.3g} per step" if counted is not None else "not counted on the CPU"
+        return f"by design ({count}): {row['syncs_by_design']}"
+    return "none"
 
 
 def write_results(out: Path, rows: list[dict], args, device, command: str) -> None:
@@ -199,8 +232,7 @@ def write_results(out: Path, rows: list[dict], args, device, command: str) -> No
         cells = [f"{row[k]:.3g}" if row.get(k) is not None else "-"
                  for k in ("ms_per_step", "ms_per_step_ratio_to_bp", "cuda_peak_mb_ratio_to_bp",
                            "step_memory_mb_ratio_to_bp")]
-        problem = row.get("host_sync", f"(failed: {row['error']})" if "error" in row else "none")
-        lines.append(f"| `{row['rule']}` | {row['network']} | " + " | ".join(cells) + f" | {problem} |")
+        lines.append(f"| `{row['rule']}` | {row['network']} | " + " | ".join(cells) + f" | {host_sync_cell(row)} |")
     (out / "README.md").write_text("\n".join(lines + ["", (__doc__ or "").split("\n\n", 1)[1]]))
 
 

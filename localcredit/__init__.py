@@ -5,7 +5,7 @@ The Python API (docs/python.md)::
     import localcredit as lc
     net = lc.blocknet(my_sequential, input_shape=(1, 28, 28), num_classes=10)
     rule = lc.make_rule("local-learned", net, lr=1e-3, loss="ce")
-    stats = rule.step(x, y)          # one training step: a dict of floats, "loss" among them
+    stats = rule.step(x, y)          # one training step: its figures ("loss" among them), 0-dim tensors or floats
     predictions = rule.predict(x)
 """
 

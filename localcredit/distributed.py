@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import rules
 from .errors import UserError
-from .rules.base import Rule
+from .rules.base import Rule, StepFigures
 from .runfiles import STOP_SIGNALS, Interrupted, keep_stop_signals, noted_stop_signal
 from .train import AGREE_EVERY, Diverged, EpochProgress, Parallelism, Trainer
 
@@ -500,19 +500,23 @@ class GradientBuckets:
             self._start(self.buckets[self._next])
             self._next += 1
 
-    def finish(self, stats: dict[str, float]) -> None:
-        """Reduce what is left and the logged figures; write the averaged gradients; the step is over."""
+    def finish(self, stats: StepFigures) -> None:
+        """Reduce what is left and the logged figures; write the averaged gradients; the step is over.
+
+        The reduced figures stay 0-dim tensors on the device: the Trainer reads them (and waits for
+        the device) only every few steps.
+        """
         for bucket in self.buckets[self._next:]:
             self._start(bucket)
         keys = sorted(stats)
         # float64: a handful of numbers, and the log keeps the single-process precision.
-        figures = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=self.device)
+        figures = torch.stack([_float64_on(self.device, stats[k]) for k in keys])
         figures.mul_(self.share)
         figures_work = dist.all_reduce(figures, async_op=True)
         _wait_all([bucket.work for bucket in self.buckets] + [figures_work])
         for bucket in self.buckets:
             self._settle(bucket)
-        stats.update(zip(keys, figures.tolist()))
+        stats.update(zip(keys, figures.unbind()))
         self.active = False
 
     @torch.no_grad()
@@ -542,6 +546,14 @@ class GradientBuckets:
                     p.grad = bucket.flat[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
         bucket.flat = bucket.work = bucket.had_grad = None
+
+
+def _float64_on(device: torch.device, figure: float | torch.Tensor) -> torch.Tensor:
+    """A logged figure as a 0-dim float64 tensor on ``device``, made there: a float is filled in by a
+    kernel rather than copied from the host (such a copy can wait for the device)."""
+    if isinstance(figure, torch.Tensor):
+        return figure.detach().to(device, torch.float64)
+    return torch.full((), figure, dtype=torch.float64, device=device)
 
 
 def _wait_all(works: Sequence[Any]) -> None:
@@ -596,7 +608,7 @@ class DataParallel(_Agreeing):
         if self.average not in rule.gradient_hooks:
             rule.gradient_hooks.append(self.average)
 
-    def step(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
         # Contiguous shares of the global batch (augmented as a whole, so every process sees the
         # single-process images); uneven shares are weighted by their size, so a mean loss over
         # the global batch is reproduced exactly.
@@ -606,7 +618,7 @@ class DataParallel(_Agreeing):
             self.buckets.begin(self._share)
         return trainer.rule.step(x_share, y_share)
 
-    def average(self, rule: Rule, stats: dict[str, float]) -> None:
+    def average(self, rule: Rule, stats: StepFigures) -> None:
         """Gradient hook: the share-weighted mean of every process's update and logged figures."""
         assert self.buckets is not None, "attach() installs this hook and the buckets together"
         if not self.buckets.active:  # a rule.step that did not come through step() above

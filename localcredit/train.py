@@ -34,7 +34,7 @@ from .augment import augment_batch, augment_seed, parse_augment
 from .data import Dataset
 from .data.streaming import StreamedDataset
 from .errors import UserError
-from .rules.base import Rule
+from .rules.base import Rule, StepFigures
 from .runfiles import CHECKPOINT, RESULT, Interrupted, StopRequests, load_checkpoint, parse_checkpoint_every
 from .spec import at_least, check, one_of, option, parse_ints, positive
 
@@ -97,7 +97,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
 
 
 class Diverged(RuntimeError):
-    """The loss or the weights stopped being finite."""
+    """The loss or the weights stopped being finite.
+
+    ``step`` is the step whose loss first was not finite; on CUDA the Trainer reads the losses every
+    :data:`CUDA_SYNC_EVERY` steps, so it stops up to that many steps after that one.
+    """
 
     def __init__(self, epoch: int, step: int, what: str):
         super().__init__(f"training diverged at epoch {epoch}, step {step}: {what} is not finite "
@@ -223,6 +227,71 @@ class EpochProgress:
         return asdict(self)
 
 
+#: On CUDA the Trainer reads the steps' logged figures (the loss) on the host once per this many
+#: steps, all of them in one transfer. Reading a figure makes the host wait until the device has
+#: computed it, which empties the queue of launched kernels: every step would then wait for its
+#: own kernels, and the next step's launches would no longer overlap this step's work. The cost: a
+#: non-finite loss is noticed up to this many steps late (still named by the step it happened at).
+CUDA_SYNC_EVERY = 50
+
+
+def steps_per_read(device: torch.device) -> int:
+    """How many steps' figures the Trainer keeps unread on ``device``: 1 on the CPU, which has nothing
+    to wait for (every step is checked at once, as it always was)."""
+    return CUDA_SYNC_EVERY if device.type == "cuda" else 1
+
+
+def read_figures(steps: list[StepFigures]) -> list[dict[str, float]]:
+    """The figures of ``steps`` as floats, every tensor among them read in one transfer (one wait).
+
+    Each tensor goes through float64, which holds a float32 or bfloat16 value exactly: the floats are
+    those ``.item()`` gives.
+    """
+    tensors = [value for figures in steps for value in figures.values() if isinstance(value, torch.Tensor)]
+    read = iter(torch.stack([t.detach().to(tensors[0].device, torch.float64) for t in tensors]).tolist()
+                if tensors else [])
+    return [{key: next(read) if isinstance(value, torch.Tensor) else value for key, value in figures.items()}
+            for figures in steps]
+
+
+class EpochFigures:
+    """An epoch's logged figures, summed per name; each step's read on the host ``every`` steps.
+
+    ``add`` keeps a step's figures as the rule returned them; every ``every`` steps, and whenever
+    the sums are asked for (a checkpoint, the epoch's end), the unread ones are read at once, the
+    loss checked for divergence, and added to the sums in step order -- so the sums are the same
+    floats whatever ``every`` is.
+    """
+
+    def __init__(self, epoch: int, totals: dict[str, float], every: int, bar: tqdm):
+        self.epoch, self.every, self.bar = epoch, every, bar
+        self.totals = defaultdict(float, totals)
+        self.unread: list[tuple[int, StepFigures]] = []
+
+    def add(self, step: int, figures: StepFigures) -> None:
+        self.unread.append((step, figures))
+        if len(self.unread) >= self.every:
+            self.read()
+
+    def read(self) -> None:
+        """Read the unread steps' figures; Diverged at the first step whose loss is not finite."""
+        steps = [step for step, _ in self.unread]
+        read = read_figures([figures for _, figures in self.unread])
+        self.unread = []
+        for step, figures in zip(steps, read):
+            if not math.isfinite(figures["loss"]):
+                raise Diverged(self.epoch + 1, step + 1, "the loss")
+            for key, value in figures.items():
+                self.totals[key] += value
+            if step % 20 == 0:
+                self.bar.set_postfix(loss=f"{figures['loss']:.4f}")
+
+    def summed(self) -> dict[str, float]:
+        """Every step's figures so far, summed (what a checkpoint saves and the epoch's log divides)."""
+        self.read()
+        return dict(self.totals)
+
+
 #: Processes agree whether to checkpoint or stop every this many steps (single process: every step).
 AGREE_EVERY = 8
 
@@ -239,8 +308,8 @@ class Parallelism:
     def train_epoch(self, trainer: "Trainer", progress: EpochProgress) -> None:
         trainer.train_epoch(progress)
 
-    def step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One training step on the whole global batch ``x``, ``y`` (augmented already)."""
+    def step(self, trainer: "Trainer", x: torch.Tensor, y: torch.Tensor) -> StepFigures:
+        """One training step on the whole global batch ``x``, ``y`` (augmented already); its figures, unread."""
         return trainer.rule.step(x, y)
 
     def finish_epoch(self, trainer: "Trainer") -> None:
@@ -292,6 +361,7 @@ class Trainer:
         self.checkpoint_every = parse_checkpoint_every(config.checkpoint_every)
         self.stop = StopRequests()  # inert until fit() enters it
         self.last_checkpoint = time.monotonic()
+        self.sync_every = steps_per_read(self.device)  # steps between reads of the logged figures
 
     @property
     def x_train(self) -> torch.Tensor:
@@ -357,7 +427,8 @@ class Trainer:
         """Between two steps: checkpoint when --checkpoint-every says so, and stop on SIGTERM/SIGINT.
 
         ``seconds``: training time of this sitting so far; ``totals``: the epoch's summed figures when
-        they are not ``progress.totals`` (the pipeline keeps its own).
+        they are not ``progress.totals`` (the Trainer's are read from the device only when asked for,
+        the pipeline keeps its own); called only when a checkpoint is written.
         """
         if progress.steps_done >= self.steps_per_epoch:
             return  # the epoch's end checkpoints and looks at signals itself
@@ -413,21 +484,15 @@ class Trainer:
 
     def train_epoch(self, progress: EpochProgress) -> None:
         epoch, steps = progress.epoch, self.steps_per_epoch
-        totals = defaultdict(float, progress.totals)
-        progress.totals = totals
         bar = self.progress_bar(epoch, steps, progress.steps_done)
+        figures = EpochFigures(epoch, progress.totals, self.sync_every, bar)
         start = time.perf_counter()
         for step, (x, y) in zip(range(progress.steps_done, steps), self.training_batches(epoch, progress.steps_done)):
-            stats = self.parallel.step(self, x, y)
-            if not math.isfinite(stats["loss"]):
-                raise Diverged(epoch + 1, step + 1, "the loss")
-            for key, value in stats.items():
-                totals[key] += value
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            figures.add(step, self.parallel.step(self, x, y))
             bar.update()
             progress.steps_done = step + 1
-            self.at_step_boundary(progress, time.perf_counter() - start)
+            self.at_step_boundary(progress, time.perf_counter() - start, totals=figures.summed)
+        totals = figures.summed()
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -16,9 +16,20 @@ import torch
 
 import localcredit as lc
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.train import TrainConfig, Trainer
+from localcredit.train import TrainConfig, Trainer, read_figures
 
 from .conftest import DEEP_NETWORKS, subset, user_conv_net
+
+
+def assert_figures_unread_and_readable(stats) -> None:
+    """A step's figures are floats or detached 0-dim tensors (not read on the host inside the step),
+    and the Trainer reads them as the floats ``.item()`` gives."""
+    tensors = {k: v for k, v in stats.items() if isinstance(v, torch.Tensor)}
+    assert "loss" in tensors, "the loss stays a tensor: reading it would make a GPU step wait"
+    assert all(v.dim() == 0 and not v.requires_grad for v in tensors.values()), stats
+    assert all(isinstance(v, (float, int)) for k, v in stats.items() if k not in tensors), stats
+    (read,) = read_figures([stats])
+    assert read == {k: v.item() if k in tensors else v for k, v in stats.items()}
 
 
 class RuleContract:
@@ -48,6 +59,7 @@ class RuleContract:
         before = [p.detach().clone() for p in rule.net.parameters()]
         stats = rule.step(*self.batch(fashion_small))
         assert math.isfinite(stats["loss"])
+        assert_figures_unread_and_readable(stats)
         changed = [not torch.equal(b, p) for b, p in zip(before, rule.net.parameters())]
         assert all(changed), "every network parameter should move after one step"
 

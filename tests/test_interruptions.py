@@ -126,6 +126,20 @@ def test_sigterm_in_a_step_writes_a_checkpoint_and_resuming_ends_as_the_uninterr
     assert_same_run(resumed, resumed.fit(resume=True), *straight[name])
 
 
+def test_a_stop_between_two_reads_of_the_figures_checkpoints_them_all(tiny, tmp_path, straight):
+    # Figures read every 4 steps (as on CUDA, every CUDA_SYNC_EVERY): the stop at epoch 2, step 15
+    # falls between two reads, and the checkpoint must still hold the sums of all 15 steps.
+    stopping = trainer(tiny, "bp", tmp_path, SignalAt(45), checkpoint_every="off")
+    stopping.sync_every = 4
+    with pytest.raises(Interrupted):
+        stopping.fit()
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)["epoch_progress"]
+    assert saved["steps_done"] == 15 and set(saved["totals"]) == {"loss"}
+    resumed = trainer(tiny, "bp", tmp_path)
+    resumed.sync_every = 4
+    assert_same_run(resumed, resumed.fit(resume=True), *straight["bp"])
+
+
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_a_crash_loses_only_the_steps_after_the_last_mid_epoch_checkpoint(tiny, tmp_path, straight, name):
     with pytest.raises(Crash):

@@ -121,3 +121,6 @@ def test_the_gpu_check_runs_its_cpu_dry_run(tmp_path):
     assert all(r["ms_per_step"] > 0 and r["step_memory_mb"] > 0 for r in rows)
     assert all(r["ms_per_step_ratio_to_bp"] == 1 for r in rows if r["rule"] in ("bp", "bp@twin"))
     assert "| `gaitprop` | vgg |" in (tmp_path / "README.md").read_text()
+    # Only the rules that declare why their step waits for the device are let wait (counted on CUDA).
+    assert {r["rule"] for r in rows if r["syncs_by_design"]} == {"gaitprop"}
+    assert "by design (not counted on the CPU)" in (tmp_path / "README.md").read_text()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.train import CHECKPOINT, RESULT, Diverged, TrainConfig, Trainer
+from localcredit.train import CHECKPOINT, RESULT, Diverged, Parallelism, TrainConfig, Trainer, read_figures
 
 from .conftest import subset
 
@@ -85,3 +85,48 @@ def test_same_seed_same_run(tiny):
     second = run(tiny, None, epochs=1)[1]
     assert first["test_accuracy"] == second["test_accuracy"]
     assert first["train_loss_per_epoch"] == second["train_loss_per_epoch"]
+
+
+# ----- figures read every few steps (as on CUDA, where reading makes the host wait) ----------------
+def fit_reading_every(data, every: int, parallel: Parallelism | None = None, epochs: int = 2) -> Trainer:
+    spec = RunSpec(rule="fa", data=data.name, seed=3, hidden=[64])
+    trainer = Trainer(build_rule(spec, data), data, TrainConfig(epochs=epochs, batch_size=100, seed=3, progress=False),
+                      parallel=parallel)
+    trainer.sync_every = every  # what CUDA gets (CUDA_SYNC_EVERY), forced on the CPU
+    trainer.fit()
+    return trainer
+
+
+def test_figures_read_every_few_steps_log_what_reading_every_step_logs(tiny):
+    every_step, every_seventh = fit_reading_every(tiny, 1), fit_reading_every(tiny, 7)  # 30 steps per epoch
+    assert every_seventh.history["train_loss"] == every_step.history["train_loss"]
+    assert len(every_step.history["train_loss"]) == 2
+
+
+class NanLossAt(Parallelism):
+    """One process whose ``at``-th step (1-based) reports a NaN loss; counts the steps it ran."""
+
+    def __init__(self, at: int):
+        self.at, self.calls = at, 0
+
+    def step(self, trainer, x, y):
+        self.calls += 1
+        stats = super().step(trainer, x, y)
+        return {**stats, "loss": torch.full_like(stats["loss"], float("nan"))} if self.calls == self.at else stats
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_a_nan_loss_read_later_still_names_its_step_and_stops_within_the_reading_interval(tiny, every):
+    nan_at = 6
+    parallel = NanLossAt(nan_at)
+    with pytest.raises(Diverged, match=f"epoch 1, step {nan_at}:") as stopped:
+        fit_reading_every(tiny, every, parallel)
+    assert stopped.value.step == nan_at
+    assert nan_at <= parallel.calls < nan_at + every
+
+
+def test_read_figures_gives_the_floats_item_gives_in_one_go():
+    loss = torch.tensor(0.1, dtype=torch.float32)  # not a float64 number: the read must not round it
+    steps = [{"loss": loss, "count": 3}, {"loss": torch.tensor(2.5, dtype=torch.bfloat16), "head_loss": 0.25}]
+    assert read_figures(steps) == [{"loss": loss.item(), "count": 3}, {"loss": 2.5, "head_loss": 0.25}]
+    assert read_figures([{"loss": 1.0}]) == [{"loss": 1.0}]

@@ -76,7 +76,7 @@ class NextLayerAttentionBP(Rule):
             # .grad, which the optimiser descends.
             with self.final_as_accumulated():
                 loss.backward()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     # ----- per-epoch statistics ---------------------------------------------------------------
     def attending_layers(self) -> list[tuple[str, nn.Module]]:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import Rule, register
+from .base import Rule, StepFigures, register
 
 
 @register("bp")
 class Backprop(Rule):
     """Backpropagation (Rumelhart et al. 1986): autograd of the task loss through the whole network."""
 
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
         loss = self.task_loss(self.net(x), y)
         with self.final_as_accumulated():
             loss.backward()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}

@@ -194,11 +194,17 @@ def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
+#: A step's logged figures by name ("loss" among them): floats, or 0-dim tensors that may still be
+#: computing on the device. Reading a tensor (``.item()``) makes the host wait for the device, so a
+#: rule returns ``loss.detach()`` and the caller decides when to read (the Trainer: every few steps
+#: on CUDA, ``localcredit.train.read_figures``).
+StepFigures = dict[str, float | torch.Tensor]
+
 #: ``hook(rule, stats)`` runs after assign_credit, before the optimisers step. It may rewrite the
 #: gradients and the step's logged figures in place: data-parallel averaging reduces both (the
 #: gradients' reductions started during assign_credit), so every process logs (and checks for
 #: divergence) the same global figures.
-GradientHook = Callable[["Rule", dict[str, float]], None]
+GradientHook = Callable[["Rule", StepFigures], None]
 
 #: ``listener(params)`` learns, while assign_credit is still running, that the gradients of
 #: ``params`` are final for this step (the rule writes nothing more into them before the gradient
@@ -218,6 +224,10 @@ class Rule(nn.Module):
     #: such layers can train at the same time on different processes (``--parallel blocks``).
     #: A local rule implements :meth:`block_step_loss`.
     local: ClassVar[bool] = False
+    #: Why this rule's step waits for the device by design (a decision taken on values it computed),
+    #: or None: its step never waits (``benchmarks/gpu.py`` checks that on CUDA, and only counts the
+    #: waits of a rule that names them here).
+    syncs_per_step: ClassVar[str | None] = None
 
     def __init__(self, net: BlockNet, config: Any = None, optim: OptimConfig | None = None):
         super().__init__()
@@ -253,8 +263,9 @@ class Rule(nn.Module):
         """The learning rate when --lr is not given, on networks of ``arch`` (the benchmark tunes around it)."""
         return DEFAULT_LR[optimizer]
 
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """Write this rule's update direction into ``p.grad``; return scalars to log (incl. ``loss``)."""
+    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
+        """Write this rule's update direction into ``p.grad``; return scalars to log (incl. ``loss``):
+        floats or detached 0-dim tensors, never read on the host here (see :data:`StepFigures`)."""
         raise NotImplementedError
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
@@ -362,8 +373,8 @@ class Rule(nn.Module):
         for p in self.parameters():
             p.grad = None
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """One training step: the rule's credit assignment, then the optimisers."""
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
+        """One training step: the rule's credit assignment, then the optimisers; the logged figures."""
         self.net.train()
         self.zero_grad()
         stats = self.assign_credit(x, y)

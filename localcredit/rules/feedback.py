@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..layers import check_layer_math, swapped_input_gradients, weight_layers, weight_op
-from .base import Rule, option, register
+from .base import Rule, StepFigures, option, register
 
 
 @dataclass
@@ -59,12 +59,12 @@ class FeedbackAlignment(Rule):
         """B of the weight layer called ``name`` in ``net.named_modules()``."""
         return getattr(self, f"feedback_{self.feedback_index[name]}")
 
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
         with swapped_input_gradients(self.net, self.feedback):
             loss = self.task_loss(self.net(x), y)
             with self.final_as_accumulated():
                 loss.backward()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
 
 @register("dfa")
@@ -80,7 +80,7 @@ class DirectFeedbackAlignment(Rule):
             self.register_buffer(f"feedback_{i}", random_feedback((net.num_classes, size), net.num_classes,
                                                                   self.config.init))
 
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
         # Each block sees a detached input, so backward from h_l reaches only block l's weights.
         *outputs, logits = [h for _, _, h in self.net.walk(x, detach_inputs=True)]
         loss = self.task_loss(logits, y)
@@ -88,5 +88,5 @@ class DirectFeedbackAlignment(Rule):
         injected = [(error @ getattr(self, f"feedback_{i}")).view_as(out) for i, out in enumerate(outputs)]
         with self.final_as_accumulated():  # one backward call: each block's weights are reached once
             torch.autograd.backward([loss, *outputs], [None, *injected])
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 

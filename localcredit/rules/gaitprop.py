@@ -33,7 +33,7 @@ import torch
 from ..errors import UserError
 from ..invertible import Factorisation, InvertibleBlock, Trace, check_invertible
 from ..nets import BlockNet
-from .base import Rule, option, register
+from .base import Rule, StepFigures, option, register
 
 #: Adam learning rate when --lr is not given: the orthogonality regulariser needs slow steps
 #: (the 2020 paper uses 1e-4; see results/gaitprop/README.md for what was measured here).
@@ -92,6 +92,10 @@ class InvertibleTargetRule(Rule):
     Config: ClassVar[type] = TargetPropConfig
     default_arch: ClassVar[str] = "invertible"
     networks: ClassVar[tuple[str, ...]] = ("invertible", "invertible-conv")  # it inverts its layers
+    syncs_per_step: ClassVar[str | None] = (
+        "decisions on computed values: whether stale LU factors are still good enough (invertible.py "
+        "_relative), which columns carry error (Factorisation.solve's nonzero), whether any unit crosses "
+        "the kink (_pre_activation_change)")
 
     @classmethod
     def default_lr(cls, optimizer: str, arch: str | None = None) -> float:
@@ -122,7 +126,7 @@ class InvertibleTargetRule(Rule):
         return torch.where(norm > 0, adaptive, torch.ones_like(norm))
 
     # ----- the shared pass ----------------------------------------------------------------------
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
         dtype = getattr(torch, self.config.dtype)
         blocks: list[InvertibleBlock] = self.net.layers
         traces: list[Trace] = []
@@ -151,7 +155,7 @@ class InvertibleTargetRule(Rule):
             inverse_gamma = inverse_gamma / gamma.clamp_min(tiny)
         if not self._measuring and self.config.ortho > 0:
             self._add_orthogonality_gradient()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     def output_error(self, head: InvertibleBlock, output: torch.Tensor,
                      y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +215,7 @@ class InvertibleTargetRule(Rule):
             block.add_orthogonality_gradient(self.config.ortho * every, phase=self.steps % every, every=every)
 
     # ----- bookkeeping ----------------------------------------------------------------------
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
         stats = super().step(x, y)
         self.steps += 1
         return stats

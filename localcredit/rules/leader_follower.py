@@ -340,7 +340,7 @@ class LeaderFollower(LeaderFollowerLocal):
             head_loss.backward(inputs=list(self.net.head.parameters()), retain_graph=True)
             (self.config.global_weight * head_loss + with_global).backward()
         total += (1 + self.config.global_weight) * head_loss.detach()
-        return {"loss": total.item(), "head_loss": head_loss.item()}
+        return {"loss": total.detach(), "head_loss": head_loss.detach()}
 
     @staticmethod
     def _worker_loss_backward(loss: torch.Tensor, block: nn.Module, worker_head: nn.Module,

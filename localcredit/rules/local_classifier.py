@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Rule, option, register
+from .base import Rule, StepFigures, option, register
 
 #: Conv feature maps are average-pooled to this many rows and columns before an auxiliary classifier.
 POOLED_SIZE = 2
@@ -143,7 +143,7 @@ class LocalLossRule(Rule):
             if loss is not None:
                 yield l, loss
 
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
         total = x.new_zeros(())
         head_loss = None
         for l, loss in self.local_losses(x, y):
@@ -154,9 +154,9 @@ class LocalLossRule(Rule):
             total += loss.detach()
             if l == len(self.net.blocks):
                 head_loss = loss.detach()
-        stats = {"loss": total.item()}
+        stats = {"loss": total.detach()}
         if head_loss is not None:
-            stats["head_loss"] = head_loss.item()
+            stats["head_loss"] = head_loss.detach()
         return stats
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
