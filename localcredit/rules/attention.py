@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..layers import check_layer_math, swapped_input_gradients, weight_layers
-from .base import Rule, option, register
+from .base import Rule, StepFigures, option, register
 
 #: the share of a next-layer unit's attention whose support is reported by ``statistics()``
 ATTENTION_MASS = 0.9
@@ -68,7 +68,7 @@ class NextLayerAttentionBP(Rule):
         return self.attention_kernel(layer.weight.detach())
 
     # ----- the game, one round per batch -------------------------------------------------------
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
         self._last_batch = (x, y)
         with swapped_input_gradients(self.net, self.layer_kernel):
             loss = self.task_loss(self.net(x), y)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..layers import WeightOp, weight_op
-from .base import option, register
+from .base import StepFigures, option, register
 from .local_classifier import LocalLossRule, block_features, feature_size
 
 
@@ -320,7 +320,7 @@ class LeaderFollower(LeaderFollowerLocal):
             for module in patched:
                 del module.forward
 
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
         total = x.new_zeros(())
         with_global = x.new_zeros(())  # worker losses of blocks fed by a tensor without a graph
         with self._shared_weight_gradients() as (calls, passes):
