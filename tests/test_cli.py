@@ -172,10 +172,10 @@ def test_flush_denormal_flushes_while_training_and_restores_the_default(good_npz
         return real_fit(self, resume, **kwargs)
 
     monkeypatch.setattr(Trainer, "fit", fit)
-    for i, flag in enumerate((["--flush-denormal", "off"], ["--flush-denormal"], ["--flush-denormal", "on"])):
+    for i, flag in enumerate((["--flush-denormal", "off"], ["--flush-denormal"], ["--flush-denormal", "on"], [])):
         assert main(["train", "--rule", "bp", "--data", good_npz, "--hidden", "8", "--epochs", "1",
                      "--out", str(tmp_path / str(i)), "--quiet", *flag]) == 0
-    assert seen == [seen[0], 0.0, 0.0] and seen[0] > 0
+    assert seen == [seen[0], 0.0, 0.0, 0.0] and seen[0] > 0  # on by default (results/denormal)
     assert (subnormal * 1.0).item() > 0  # torch's default is back after the run
 
 
