@@ -320,15 +320,24 @@ def _report(message: str, code: int, consequence: bool) -> int:
     return code
 
 
+#: gloo words a wait past the group's timeout in more than one way: "Timed out waiting ..." from a
+#: blocking collective, "Application timeout caused pair closure" from an asynchronous one's wait().
+TIMEOUT_WORDING = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
 def _is_communication_error(exc: Exception) -> bool:
-    # gloo reports a dead peer or a timeout as a plain RuntimeError naming its source file.
-    return isinstance(exc, dist.DistError) or bool(re.search(r"gloo|nccl|NCCL", str(exc)))
+    # gloo reports a dead peer or a timeout as a plain RuntimeError, mostly naming its source file.
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or bool(re.search(r"gloo|nccl|NCCL", text) or TIMEOUT_WORDING.search(text))
 
 
 def _backend_message(exc: Exception) -> str:
-    """'[.../pair.cc:553] Connection closed by peer [127.0.0.1]:26855. This is typically ...' -> its first sentence."""
-    text = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(str(exc)))
-    return text.split(". ")[0]
+    """'[.../pair.cc:553] Connection closed by peer [127.0.0.1]:26855. This is typically ...' -> its first sentence;
+    a timeout however worded starts with 'Timed out'."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(str(exc))).split(". ")[0]
+    if TIMEOUT_WORDING.search(text) and not text.startswith("Timed out"):
+        return f"Timed out ({text})"
+    return text
 
 
 def _first_line(text: str) -> str:
