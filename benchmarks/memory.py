@@ -29,7 +29,6 @@ ratios to BP should carry over to wider nets, but they were measured at these wi
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -41,6 +40,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
+
+from localcredit.bench_report import write_csv  # noqa: E402
 
 INVERTING = ("gaitprop", "itp", "tp")  # rules that train invertible networks only
 BATCHES = (128, 512)
@@ -147,14 +148,6 @@ def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         bp = reference.get((row["network"], row["batch_size"], row["rule"] in INVERTING or row["rule"] == "bp@twin"))
         row["step_memory_ratio_to_bp"] = row["step_memory_mb"] / bp if bp and "step_memory_mb" in row else None
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def table(rows: list[dict]) -> list[str]:
