@@ -28,6 +28,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -79,13 +80,29 @@ def speed(args, data) -> None:
                                         "load_average_1min_after": os.getloadavg()[0], "rows": rows}, indent=2))
 
 
+def aligned_steps(rule, data, args, epochs: int) -> Iterator[tuple[int, list[float]]]:
+    """Train ``rule`` for ``epochs`` (at most ``--max-steps`` steps); every ``--every`` steps, before
+    the step, yield (step, its per-layer cosine with BP on 256 fixed training images)."""
+    fixed = epoch_order(len(data.x_train), 123, 0)[:256]
+    x_fixed, y_fixed = data.x_train[fixed], data.y_train[fixed]
+    step = 0
+    for epoch in range(epochs):
+        order = epoch_order(len(data.x_train), 0, epoch)
+        for start in range(0, len(order), args.batch_size):
+            if args.max_steps is not None and step > args.max_steps:
+                return
+            if step % args.every == 0:
+                yield step, alignment(rule, x_fixed, y_fixed)
+            index = order[start:start + args.batch_size]
+            rule.step(data.x_train[index], data.y_train[index])
+            step += 1
+
+
 def alignment_over_training(args, data) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fixed = epoch_order(len(data.x_train), 123, 0)[:256]
-    x_fixed, y_fixed = data.x_train[fixed], data.y_train[fixed]
     records = []
     curves = {}
     for label, options in (("gaitprop (ortho=0.1)", []), ("gaitprop ortho=0", ["ortho=0"])):
@@ -93,21 +110,12 @@ def alignment_over_training(args, data) -> None:
             continue
         rule = build_rule(RunSpec(rule="gaitprop", data=args.data, options=options), data)
         steps, cosines = [], []
-        step = 0
-        for epoch in range(args.epochs):
-            order = epoch_order(len(data.x_train), 0, epoch)
-            for start in range(0, len(order), args.batch_size):
-                if args.max_steps is not None and step > args.max_steps:
-                    break
-                if step % args.every == 0:
-                    steps.append(step)
-                    cosines.append(alignment(rule, x_fixed, y_fixed))
-                    records.append({"variant": label, "step": step,
-                                    **{f"layer{i + 1}": round(c, 6) for i, c in enumerate(cosines[-1])}})
-                    print(records[-1], flush=True)
-                index = order[start:start + args.batch_size]
-                rule.step(data.x_train[index], data.y_train[index])
-                step += 1
+        for step, layer_cosines in aligned_steps(rule, data, args, args.epochs):
+            steps.append(step)
+            cosines.append(layer_cosines)
+            records.append({"variant": label, "step": step,
+                            **{f"layer{i + 1}": round(c, 6) for i, c in enumerate(layer_cosines)}})
+            print(records[-1], flush=True)
         curves[label] = (steps, cosines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,28 +149,20 @@ def deep_alignment(args, data) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fixed = epoch_order(len(data.x_train), 123, 0)[:256]
-    x_fixed, y_fixed = data.x_train[fixed], data.y_train[fixed]
     records, curves = [], {}
     for label, net in DEEP_NETWORKS.items():
         if args.only and args.only not in label:
             continue
         rule = build_rule(RunSpec(rule="gaitprop", data=args.data, options=args.set, lr=args.lr, **net), data)
         steps, cosines = [], []
-        order = epoch_order(len(data.x_train), 0, 0)
-        for step, start in enumerate(range(0, len(order), args.batch_size)):
-            if args.max_steps is not None and step > args.max_steps:
-                break
-            if step % args.every == 0:
-                steps.append(step)
-                cosines.append(alignment(rule, x_fixed, y_fixed))
-                records.append({"network": label, "step": step,
-                                **{f"layer{i + 1}": round(c, 6) for i, c in enumerate(cosines[-1])},
-                                "min_cosine": round(min(cosines[-1]), 6),
-                                "max_orthogonality_error": round(max(rule.orthogonality_errors()), 6)})
-                print(records[-1], flush=True)
-            index = order[start:start + args.batch_size]
-            rule.step(data.x_train[index], data.y_train[index])
+        for step, layer_cosines in aligned_steps(rule, data, args, epochs=1):
+            steps.append(step)
+            cosines.append(layer_cosines)
+            records.append({"network": label, "step": step,
+                            **{f"layer{i + 1}": round(c, 6) for i, c in enumerate(layer_cosines)},
+                            "min_cosine": round(min(layer_cosines), 6),
+                            "max_orthogonality_error": round(max(rule.orthogonality_errors()), 6)})
+            print(records[-1], flush=True)
         curves[label] = (steps, cosines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
