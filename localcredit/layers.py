@@ -28,7 +28,7 @@ import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -214,12 +214,23 @@ def swapped_input_gradients(net: nn.Module, kernel_of: KernelOf) -> Iterator[Non
     The blocks' own forward code runs as always: only the weight layers' ``forward`` is replaced,
     as an instance attribute that is removed on the way out.
     """
+    with replaced_weight_forwards(net.named_modules(), lambda name, module, op: functools.partial(
+            _swapped_forward, module, op, kernel_of, name)):
+        yield
+
+
+@contextmanager
+def replaced_weight_forwards(named_modules: Iterable[tuple[str, nn.Module]],
+                             make_forward: Callable[[str, nn.Module, WeightOp], Callable]) -> Iterator[None]:
+    """While inside, every registered weight layer among ``named_modules`` runs
+    ``make_forward(name, layer, its WeightOp)`` as its forward: an instance attribute, removed on the way
+    out, so the blocks' own forward code runs as always around it."""
     patched = []
     try:
-        for name, module in net.named_modules():
+        for name, module in named_modules:
             op = weight_op(module)
             if op is not None:
-                module.forward = functools.partial(_swapped_forward, module, op, kernel_of, name)
+                module.forward = make_forward(name, module, op)
                 patched.append(module)
         yield
     finally:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..layers import WeightOp, weight_op
+from ..layers import WeightOp, replaced_weight_forwards, weight_op
 from .base import StepFigures, option, register
 from .local_classifier import LocalLossRule, block_features, feature_size
 
@@ -307,18 +307,13 @@ class LeaderFollower(LeaderFollowerLocal):
     def _shared_weight_gradients(self) -> Iterator[tuple[list[list[_WeightLayerCall]], _Passes]]:
         """While inside, the hidden blocks' registered weight layers record their calls (per block)."""
         calls: list[list[_WeightLayerCall]] = [[] for _ in self.net.blocks]
-        passes, patched = _Passes(), []
-        try:
+        passes = _Passes()
+        with ExitStack() as stack:
             for l, block in enumerate(self.net.blocks):
-                for module in block.modules():
-                    op = weight_op(module)
-                    if op is not None:
-                        module.forward = functools.partial(_recorded_forward, module, op, calls[l], passes)
-                        patched.append(module)
+                stack.enter_context(replaced_weight_forwards(block.named_modules(), lambda name, module, op, l=l:
+                                                             functools.partial(_recorded_forward, module, op,
+                                                                               calls[l], passes)))
             yield calls, passes
-        finally:
-            for module in patched:
-                del module.forward
 
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
         total = x.new_zeros(())
