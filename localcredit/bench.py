@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 from tqdm import tqdm
 
 from .bench_plan import (REFERENCE, SUITES, Entry, Run, Suite, default_lr, entries, entry_network,  # noqa: F401
-                         final_runs, get_suite, initial_grid, is_finished, read_result, spec_of,
+                         final_runs, get_suite, grid_value, initial_grid, is_finished, read_result, spec_of,
                          suite_entries, train_arguments, validate_suite)
 from .bench_report import write_cases_report, write_report
 from .errors import UserError
@@ -151,9 +151,9 @@ def best_lr(entry: Entry, data: str, lrs: Sequence[float], out: Path, suite: Sui
 def widen(lrs: Sequence[float], best: float, step: float) -> float | None:
     """The next learning rate to try when the best one lies on an edge of the grid (None: it is inside)."""
     if best == max(lrs):
-        return max(lrs) * step
+        return grid_value(max(lrs) * step)
     if best == min(lrs):
-        return min(lrs) / step
+        return grid_value(min(lrs) / step)
     return None
 
 
