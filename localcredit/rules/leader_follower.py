@@ -70,6 +70,46 @@ class GlobalLeaderFollowerConfig(LeaderFollowerConfig):
             raise UserError(f"option global_weight must be >= 0, got {self.global_weight}")
 
 
+class _GroupedLogits(torch.autograd.Function):
+    """(B, F) features -> (N, C, B) logits of the grouped workers, with a backward that writes each
+    gradient once.
+
+    The features are transposed once so that every group is a contiguous (g, B) block of rows and
+    each run of equal groups is one batched matmul. Autograd's own backward of those slices would
+    zero-fill a full-size gradient per slice and hand back a transposed (strided) view, on which the
+    block's ReLU backward runs several times slower: here the groups' input gradients go straight
+    into one (F, B) buffer, transposed back once.
+    """
+
+    @staticmethod
+    def forward(ctx, features, bias, runs, *weights):
+        columns = features.t().contiguous()  # (F, B)
+        out = features.new_empty(bias.shape[0], bias.shape[1], features.shape[0])  # (N, C, B)
+        start = first = 0
+        for (n, g), weight in zip(runs, weights):
+            torch.baddbmm(bias[first:first + n], weight, columns[start:start + n * g].view(n, g, -1),
+                          out=out[first:first + n])
+            start, first = start + n * g, first + n
+        ctx.runs = runs
+        ctx.save_for_backward(columns, *weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        columns, *weights = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_columns = torch.empty_like(columns) if ctx.needs_input_grad[0] else None
+        grad_weights, start, first = [], 0, 0
+        for (n, g), weight in zip(ctx.runs, weights):
+            rows, grads = columns[start:start + n * g].view(n, g, -1), grad_out[first:first + n]
+            if grad_columns is not None:
+                torch.bmm(weight.transpose(1, 2), grads, out=grad_columns[start:start + n * g].view(n, g, -1))
+            grad_weights.append(torch.bmm(grads, rows.transpose(1, 2)))
+            start, first = start + n * g, first + n
+        grad_features = grad_columns.t().contiguous() if grad_columns is not None else None
+        return grad_features, grad_out.sum(2, keepdim=True), None, *grad_weights
+
+
 class GroupedWorkerHead(nn.Module):
     """N workers, worker j a linear classifier Linear(g_j, C) on its own contiguous group of g_j features.
 
@@ -96,22 +136,20 @@ class GroupedWorkerHead(nn.Module):
         self.bias = nn.Parameter(torch.cat(biases))  # (N, C, 1): broadcasts over the batch
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, F) features -> (B, N, C) logits (a view of an (N, C, B) tensor)."""
-        # One transposed copy makes every group a contiguous (g, B) slice: batched matmuls on
-        # contiguous operands are several times faster on CPU than on strided views of (B, F).
-        columns, out, start, first = features.t().contiguous(), [], 0, 0
-        for (n, g), weight in zip(self.runs, self.weights):
-            groups = columns[start:start + n * g].view(n, g, -1)
-            out.append(torch.baddbmm(self.bias[first:first + n], weight, groups))  # (n, C, B)
-            start, first = start + n * g, first + n
-        return (out[0] if len(out) == 1 else torch.cat(out)).permute(2, 0, 1)
+        """(B, F) features -> (B, N, C) logits, a view of an (N, C, B) tensor: ``worker_losses`` takes
+        that layout as it is."""
+        return _GroupedLogits.apply(features, self.bias, self.runs, *self.weights).permute(2, 0, 1)
 
 
 def worker_losses(worker_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B, N, C) logits -> (B, N) cross-entropy of every worker on every sample, in one call."""
     batch, workers, _ = worker_logits.shape
     # Classes on dim 1, as cross_entropy takes (B, C, d) inputs: log-softmax over a last dimension
-    # of size C = 10 is several times slower on CPU.
+    # of size C = 10 is several times slower on CPU. A grouped head's logits are an (N, C, B) tensor
+    # already: taken as N samples of B positions, they need no copy.
+    by_worker = worker_logits.permute(1, 2, 0)
+    if by_worker.is_contiguous():
+        return F.cross_entropy(by_worker, y.expand(workers, batch), reduction="none").t()
     return F.cross_entropy(worker_logits.transpose(1, 2), y[:, None].expand(batch, workers), reduction="none")
 
 
