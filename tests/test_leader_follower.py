@@ -214,6 +214,9 @@ class TestLeaderSelection:
         logits, y = torch.randn(4, 3, 5), torch.tensor([0, 4, 2, 1])
         want = torch.stack([F.cross_entropy(logits[:, j], y, reduction="none") for j in range(3)], dim=1)
         torch.testing.assert_close(worker_losses(logits, y), want)
+        # a grouped head's layout: a (B, N, C) view of an (N, C, B) tensor, taken without a copy
+        by_worker = logits.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        torch.testing.assert_close(worker_losses(by_worker, y), want)
 
     @pytest.mark.parametrize("option", ["workers=0", "delta=0", "delta=1.5", "follower_weight=-1"])
     def test_bad_options_are_user_errors(self, option):
