@@ -233,7 +233,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _print_estimate(estimate(options), workers)
     summary = run_bench(options)
     print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
-          f"{options.out}/RESULTS.md, results.csv and {len(summary['files']) - 2} plots")
+          f"{options.out}/: {', '.join(summary['files'])}")
     return 0
 
 

@@ -52,7 +52,7 @@ LOCAL_LOSS_VGG8B = _local_loss("vgg8b", mnist=(0.26, 0.40, 0.65, 0.31), fashion=
 #: that same 10k validation set.
 BIOTORCH_LENET = {
     (row, data): Published(error, BIOTORCH, bp_free=row != "bp",
-                           note="best-validation model, evaluated on that validation set")
+                           note="BioTorch reports its best-validation model, evaluated on that same validation set")
     for data, errors in (("mnist", (0.91, 1.7, 1.61)), ("fashion-mnist", (9.2, 13.06, 12.81)))
     for row, error in zip(("bp", "fa", "dfa"), errors)
 }
