@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -124,3 +127,27 @@ def test_the_gpu_check_runs_its_cpu_dry_run(tmp_path):
     # Only the rules that declare why their step waits for the device are let wait (counted on CUDA).
     assert {r["rule"] for r in rows if r["syncs_by_design"]} == {"gaitprop"}
     assert "by design (not counted on the CPU)" in (tmp_path / "README.md").read_text()
+
+
+def live_tensor_elements() -> int:
+    """Elements of every tensor Python can still reach, after a full collection."""
+    gc.collect()
+    with warnings.catch_warnings():  # touching some torch module objects warns about deprecated names
+        warnings.simplefilter("ignore")
+        return sum(o.numel() for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("rule_name", sorted(lc.rules.available()))
+def test_no_rule_keeps_more_memory_with_every_step(fashion_small, rule_name):
+    """What a rule keeps between steps stops growing after the first steps: lfnn once kept every step's
+    layer outputs through a reference cycle that autograd's nodes hide from Python's collector."""
+    arch = "mlp" if lc.rules.get(rule_name).trains("mlp") else "invertible"
+    spec = RunSpec(rule=rule_name, data="fashion-mnist", arch=arch, hidden=[32, 32], seed=0)
+    rule = build_rule(spec, fashion_small)
+    x, y = fashion_small.x_train[:16], fashion_small.y_train[:16]
+    for _ in range(3):
+        rule.step(x, y)
+    before = live_tensor_elements()
+    for _ in range(4):
+        rule.step(x, y)
+    assert live_tensor_elements() <= before
