@@ -2,6 +2,8 @@
 
     PYTHONPATH=. .venv/bin/python benchmarks/memory.py --out results/memory --steps 4 --warmup 2
     PYTHONPATH=. .venv/bin/python benchmarks/memory.py report --out results/memory   # files from memory.json
+    PYTHONPATH=. .venv/bin/python benchmarks/memory.py --out results/memory --steps 4 --warmup 2 --rules lfnn
+        # measures lfnn again on every network, its rows replaced in memory.json
 
 Every network and batch size is measured in its own process (``benchmarks/memory.py one NET B``),
 every rule there with a fresh rule and a meter of its own (the meter counts only what that rule's
@@ -35,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 
@@ -110,8 +113,9 @@ def measure_one(rule: str, network: str, batch: int, steps: int, warmup: int, da
             "parameters": sum(p.numel() for p in built.parameters() if p.requires_grad)}
 
 
-def measure_network(network: str, batch: int, steps: int, warmup: int) -> None:
-    """Every rule on one network: one JSON line each on stdout (an error line for a rule that fails)."""
+def measure_network(network: str, batch: int, steps: int, warmup: int, only: list[str] | None = None) -> None:
+    """Every rule (or those in ``only``) on one network: one JSON line each on stdout (an error line for a
+    rule that fails)."""
     import gc
 
     import torch
@@ -120,7 +124,7 @@ def measure_network(network: str, batch: int, steps: int, warmup: int) -> None:
 
     torch.set_num_threads(1)
     data = load("fashion-mnist")
-    for rule in [*rule_names(), "bp@twin"]:
+    for rule in only or [*rule_names(), "bp@twin"]:
         try:
             row = measure_one(rule, network, batch, steps, warmup, data)
         except Exception as exc:  # noqa: BLE001 -- the report names it; the other rules still run
@@ -131,7 +135,7 @@ def measure_network(network: str, batch: int, steps: int, warmup: int) -> None:
 
 def run_child(network: str, batch: int, args) -> list[dict]:
     command = [sys.executable, __file__, "one", network, str(batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup), *(["--rules", args.rules] if args.rules else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0:
@@ -191,11 +195,12 @@ def plot_depth(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def readme(command: str, rows: list[dict], steps: int, warmup: int, seconds: float | None) -> str:
+def readme(command: str, rows: list[dict], steps: int, warmup: int, seconds: float | None,
+           again: Sequence[str] = ()) -> str:
     took = f" (took {seconds / 60:.0f} min)" if seconds else ""
     return "\n".join([
         "# Step memory of every rule against BP", "",
-        f"Command{took}: `{command}`", "",
+        f"Command{took}: `{command}`", "", *(f"{line}\n" for line in again),
         (__doc__ or "").split("\n\n", 2)[2].strip(), "",
         f"Each measurement: {steps} steps, the first {warmup} warm up; the largest step after them is reported.", "",
         "## Step memory / BP on the same network (BP's own figure in MB in its row)", "",
@@ -217,13 +222,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/memory"))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rules", help="comma-separated rules to measure again, their rows replaced in the "
+                                        "existing OUT/memory.json (ratios against its BP rows)")
     args = parser.parse_args()
+    only = args.rules.split(",") if args.rules else None
     if args.what == "one":
         network, batch = args.child
-        measure_network(network, int(batch), args.steps, args.warmup)
+        measure_network(network, int(batch), args.steps, args.warmup, only)
         return
     if args.what == "report":
         saved = json.loads((args.out / "memory.json").read_text())
+    elif only:
+        saved = remeasure(args, only)
     else:
         start, rows = time.time(), []
         for network, batch in plan():
@@ -237,6 +247,25 @@ def main() -> None:
     write_files(args.out, saved)
 
 
+def remeasure(args, only: list[str]) -> dict:
+    """Measure ``only`` again on every network and batch of the plan, replacing their rows in memory.json."""
+    saved = json.loads((args.out / "memory.json").read_text())
+    if (args.steps, args.warmup) != (saved["steps"], saved["warmup"]):
+        raise SystemExit(f"--steps/--warmup must match memory.json's ({saved['steps']}/{saved['warmup']})")
+    start, fresh = time.time(), []
+    for network, batch in plan():
+        fresh += run_child(network, batch, args)
+        print(f"{network} batch {batch}: {', '.join(only)} done", file=sys.stderr, flush=True)
+    rows = [r for r in saved["rows"] if r["rule"] not in only] + fresh
+    add_ratios(rows)
+    command = "PYTHONPATH=. .venv/bin/python benchmarks/memory.py " + " ".join(sys.argv[1:])
+    saved["remeasured"] = [*saved.get("remeasured", []), {"rules": only, "command": command,
+                                                           "seconds": time.time() - start}]
+    saved["rows"] = rows
+    (args.out / "memory.json").write_text(json.dumps(saved, indent=1) + "\n")
+    return saved
+
+
 def write_files(out: Path, saved: dict) -> None:
     """memory.csv, depth.png and README.md from what memory.json holds."""
     rows = saved["rows"]
@@ -245,7 +274,9 @@ def write_files(out: Path, saved: dict) -> None:
     # memory.json files written before the command was kept in them came from the documented command.
     command = saved.get("command", f"PYTHONPATH=. .venv/bin/python benchmarks/memory.py --out {out} "
                                    f"--steps {saved['steps']} --warmup {saved['warmup']}")
-    (out / "README.md").write_text(readme(command, rows, saved["steps"], saved["warmup"], saved.get("seconds")))
+    again = [f"Measured again afterwards ({', '.join(r['rules'])}; took {r['seconds'] / 60:.0f} min): `{r['command']}`"
+             for r in saved.get("remeasured", [])]
+    (out / "README.md").write_text(readme(command, rows, saved["steps"], saved["warmup"], saved.get("seconds"), again))
 
 
 if __name__ == "__main__":
