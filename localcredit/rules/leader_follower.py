@@ -357,7 +357,7 @@ class LeaderFollower(LeaderFollowerLocal):
             finally:
                 # A call holds its output, whose autograd node holds the call (ctx.call): a cycle through
                 # C++ that Python's collector cannot see, which kept every step's layer outputs and
-                # local gradients alive (7.8 GB after 1.5 epochs of the conv suite's vgg).
+                # local gradients alive (7.8 GB per process on the conv suite's vgg, and growing).
                 for call in itertools.chain.from_iterable(calls):
                     call.output = call.local_gradient = None
 
