@@ -71,6 +71,14 @@ class GlobalLeaderFollowerConfig(LeaderFollowerConfig):
             raise UserError(f"option global_weight must be >= 0, got {self.global_weight}")
 
 
+def _run_slices(runs: list[tuple[int, int]]) -> Iterator[tuple[slice, slice, int, int]]:
+    """Per run of n equal groups of g features: its features' slice, its workers' slice, n and g."""
+    start = first = 0
+    for n, g in runs:
+        yield slice(start, start + n * g), slice(first, first + n), n, g
+        start, first = start + n * g, first + n
+
+
 class _GroupedLogits(torch.autograd.Function):
     """(B, F) features -> (N, C, B) logits of the grouped workers, with a backward that writes each
     gradient once.
@@ -86,11 +94,8 @@ class _GroupedLogits(torch.autograd.Function):
     def forward(ctx, features, bias, runs, *weights):
         columns = features.t().contiguous()  # (F, B)
         out = features.new_empty(bias.shape[0], bias.shape[1], features.shape[0])  # (N, C, B)
-        start = first = 0
-        for (n, g), weight in zip(runs, weights):
-            torch.baddbmm(bias[first:first + n], weight, columns[start:start + n * g].view(n, g, -1),
-                          out=out[first:first + n])
-            start, first = start + n * g, first + n
+        for (features_of, workers_of, n, g), weight in zip(_run_slices(runs), weights):
+            torch.baddbmm(bias[workers_of], weight, columns[features_of].view(n, g, -1), out=out[workers_of])
         ctx.runs = runs
         ctx.save_for_backward(columns, *weights)
         return out
@@ -100,13 +105,12 @@ class _GroupedLogits(torch.autograd.Function):
         columns, *weights = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_columns = torch.empty_like(columns) if ctx.needs_input_grad[0] else None
-        grad_weights, start, first = [], 0, 0
-        for (n, g), weight in zip(ctx.runs, weights):
-            rows, grads = columns[start:start + n * g].view(n, g, -1), grad_out[first:first + n]
+        grad_weights = []
+        for (features_of, workers_of, n, g), weight in zip(_run_slices(ctx.runs), weights):
+            rows, grads = columns[features_of].view(n, g, -1), grad_out[workers_of]
             if grad_columns is not None:
-                torch.bmm(weight.transpose(1, 2), grads, out=grad_columns[start:start + n * g].view(n, g, -1))
+                torch.bmm(weight.transpose(1, 2), grads, out=grad_columns[features_of].view(n, g, -1))
             grad_weights.append(torch.bmm(grads, rows.transpose(1, 2)))
-            start, first = start + n * g, first + n
         grad_features = grad_columns.t().contiguous() if grad_columns is not None else None
         return grad_features, grad_out.sum(2, keepdim=True), None, *grad_weights
 
