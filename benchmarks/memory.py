@@ -235,16 +235,30 @@ def main() -> None:
     elif only:
         saved = remeasure(args, only)
     else:
-        start, rows = time.time(), []
-        for network, batch in plan():
-            rows += run_child(network, batch, args)
-            print(f"{network} batch {batch}: done", file=sys.stderr, flush=True)
+        start, rows = time.time(), measure_plan(args, "done")
         add_ratios(rows)
-        saved = {"command": "PYTHONPATH=. .venv/bin/python benchmarks/memory.py " + " ".join(sys.argv[1:]),
-                 "seconds": time.time() - start, "steps": args.steps, "warmup": args.warmup, "rows": rows}
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "memory.json").write_text(json.dumps(saved, indent=1) + "\n")
+        saved = {"command": this_command(), "seconds": time.time() - start, "steps": args.steps,
+                 "warmup": args.warmup, "rows": rows}
+        save(args.out, saved)
     write_files(args.out, saved)
+
+
+def this_command() -> str:
+    return "PYTHONPATH=. .venv/bin/python benchmarks/memory.py " + " ".join(sys.argv[1:])
+
+
+def measure_plan(args, done: str) -> list[dict]:
+    """Every (network, batch) of the plan in its own child process; the rows they print."""
+    rows = []
+    for network, batch in plan():
+        rows += run_child(network, batch, args)
+        print(f"{network} batch {batch}: {done}", file=sys.stderr, flush=True)
+    return rows
+
+
+def save(out: Path, saved: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps(saved, indent=1) + "\n")
 
 
 def remeasure(args, only: list[str]) -> dict:
@@ -252,17 +266,13 @@ def remeasure(args, only: list[str]) -> dict:
     saved = json.loads((args.out / "memory.json").read_text())
     if (args.steps, args.warmup) != (saved["steps"], saved["warmup"]):
         raise SystemExit(f"--steps/--warmup must match memory.json's ({saved['steps']}/{saved['warmup']})")
-    start, fresh = time.time(), []
-    for network, batch in plan():
-        fresh += run_child(network, batch, args)
-        print(f"{network} batch {batch}: {', '.join(only)} done", file=sys.stderr, flush=True)
+    start, fresh = time.time(), measure_plan(args, f"{', '.join(only)} done")
     rows = [r for r in saved["rows"] if r["rule"] not in only] + fresh
     add_ratios(rows)
-    command = "PYTHONPATH=. .venv/bin/python benchmarks/memory.py " + " ".join(sys.argv[1:])
-    saved["remeasured"] = [*saved.get("remeasured", []), {"rules": only, "command": command,
+    saved["remeasured"] = [*saved.get("remeasured", []), {"rules": only, "command": this_command(),
                                                            "seconds": time.time() - start}]
     saved["rows"] = rows
-    (args.out / "memory.json").write_text(json.dumps(saved, indent=1) + "\n")
+    save(args.out, saved)
     return saved
 
 
