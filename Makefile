@@ -18,11 +18,12 @@ setup: $(STAMP)
 data: setup
 	$(BIN)/localcredit prepare-data
 
+# --resume makes a second `make demo` reuse the finished runs (it says so) and finish an interrupted one.
 demo: data
-	$(BIN)/localcredit train --rule bp  --data fashion-mnist --hidden 1000 --epochs 3 --out runs/demo/bp
-	$(BIN)/localcredit train --rule fa  --data fashion-mnist --hidden 1000 --epochs 3 --out runs/demo/fa
-	$(BIN)/localcredit train --rule dfa --data fashion-mnist --hidden 1000 --epochs 3 --out runs/demo/dfa
-	$(BIN)/localcredit align --rule fa --data fashion-mnist --hidden 1000,1000
+	$(BIN)/localcredit train --rule bp  --data fashion-mnist --hidden 1000 --epochs 3 --out runs/demo/bp  --resume
+	$(BIN)/localcredit train --rule fa  --data fashion-mnist --hidden 1000 --epochs 3 --out runs/demo/fa  --resume
+	$(BIN)/localcredit train --rule dfa --data fashion-mnist --hidden 1000 --epochs 3 --out runs/demo/dfa --resume
+	$(BIN)/localcredit align --run runs/demo/fa
 
 test: data
 	$(BIN)/python -m pytest

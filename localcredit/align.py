@@ -1,17 +1,29 @@
 """How closely a rule's update follows backprop: per-block cosine with autograd's BP gradient.
 
 Both are measured at the same weights, on the same batch, in training mode (batch norm normalises
-with the batch's statistics, as in a training step) and from the same random state (the same
-dropout masks). Measuring changes nothing: batch-norm statistics and torch's random state are as
-they were before.
+with the batch's statistics, as in a training step) and from the same random state, CPU and CUDA
+(the same dropout masks). Measuring changes nothing (:func:`unchanged`): the weights, every buffer
+(the network's batch-norm statistics, those of the rule's own modules, its tallies), the gradients,
+the rule's bookkeeping, the modules' training flags and torch's random state are as they were before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
 from .rules.base import Rule
+
+#: What the numbers `localcredit align` prints mean (one line, on stderr).
+MEANING = ("cosine between the rule's update and backprop's gradient, per block (hidden blocks, then the head); "
+           "1 = same direction, 0 = unrelated, -1 = opposite; measured on {where}")
 
 
 def bp_gradients(rule: Rule, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -29,12 +41,103 @@ def bp_gradients(rule: Rule, x: torch.Tensor, y: torch.Tensor) -> list[torch.Ten
     return flat
 
 
+#: Plain attributes of a rule that a measurement may rebind (counters, the last batch seen) and that
+#: :func:`unchanged` puts back; containers are covered by the rule's checkpointed ``extra_state``.
+_PLAIN = (bool, int, float, str, tuple, type(None))
+
+
+@contextlib.contextmanager
+def unchanged(rule: Rule) -> Iterator[None]:
+    """Whatever runs inside leaves ``rule`` as it was: every parameter and buffer (batch-norm statistics of
+    the network and of the rule's own modules, non-persistent tallies), the gradients, the rule's
+    checkpointed bookkeeping (``extra_state``), its plain attributes and every module's training flag."""
+    tensors = [(t, t.detach().clone()) for t in (*rule.parameters(), *rule.buffers())]
+    grads = [(p, p.grad) for p in rule.parameters()]
+    extra = copy.deepcopy(rule.extra_state())
+    plain = {k: v for k, v in vars(rule).items() if isinstance(v, _PLAIN)}
+    modes = [(m, m.training) for m in rule.modules()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in tensors:
+                tensor.copy_(value)
+        for p, grad in grads:
+            p.grad = grad
+        if not _same(extra, rule.extra_state()):  # only then: loading rebinds what a caller may hold
+            rule.load_extra_state(extra)
+        for key, value in plain.items():
+            if vars(rule).get(key) is not value:
+                setattr(rule, key, value)
+        for module, training in modes:
+            module.training = training
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal plain containers, tensors compared by value (shape, dtype and elements)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
 def alignment(rule: Rule, x: torch.Tensor, y: torch.Tensor) -> list[float]:
     """Cosine between ``rule.update_directions`` and the BP gradient, per block (hidden blocks, then head)."""
     devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        state = torch.get_rng_state()
+    with unchanged(rule), torch.random.fork_rng(devices=devices):
+        cpu, cuda = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
         reference = bp_gradients(rule, x, y)
-        torch.set_rng_state(state)
+        torch.set_rng_state(cpu)  # the rule's update draws the dropout masks BP's gradient drew
+        for device, state in zip(devices, cuda):
+            torch.cuda.set_rng_state(state, device)
         directions = rule.update_directions(x, y)
     return [F.cosine_similarity(d.double(), r.double(), dim=0).item() for d, r in zip(directions, reference)]
+
+
+def trained_rule(out: str | Path, data_root: str | None = None) -> tuple[Any, Any, Rule, dict[str, Any]]:
+    """The run in the folder ``out``, trained: (spec, data, rule, checkpoint).
+
+    Its ``config.yaml`` says which rule, network and data; its ``checkpoint.pt`` (of a finished run, or
+    of an interrupted one, mid-epoch included) gives the weights and the rule's state, as ``--resume``
+    restores them. ``data_root`` overrides where the data lives (not part of a run's identity).
+    """
+    from .experiment import prepare, run_info, spec_from
+    from .runfiles import CHECKPOINT, CONFIG, load_checkpoint
+
+    out = Path(out)
+    if not out.is_dir():
+        raise UserError(f"--run {out}: no such folder")
+    checkpoint_path, config_path = out / CHECKPOINT, out / CONFIG
+    if not checkpoint_path.exists():
+        raise UserError(f"--run {out} holds no {CHECKPOINT} (a run writes one after each epoch); nothing to measure")
+    if not config_path.exists():
+        raise UserError(f"--run {out} holds no {CONFIG}, so which rule, network and data it trained is unknown")
+    spec = spec_from(config_path, {} if data_root is None else {"data_root": data_root})
+    state = load_checkpoint(checkpoint_path, "cpu")
+    data, rule = prepare(spec)
+    try:
+        saved = json.loads(state["fingerprint"])["run"]
+    except (TypeError, ValueError, KeyError):
+        raise UserError(f"{checkpoint_path} is not a localcredit training checkpoint") from None
+    expected = json.loads(json.dumps({k: v for k, v in run_info(spec, rule).items() if k != "data_root"}))
+    if not isinstance(saved, dict) or {**saved, "epochs": None} != {**expected, "epochs": None}:
+        raise UserError(f"{checkpoint_path} was made with other options than {config_path} says; "
+                        f"was it edited after the run?")
+    try:
+        rule.load_checkpoint_state(state["rule"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"{checkpoint_path} does not fit the network {config_path} describes "
+                        f"({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})") from None
+    return spec, data, rule, state
+
+
+def measured_on(out: str | Path, state: dict[str, Any]) -> str:
+    """Which weights a checkpoint holds, in words: 'the trained network of OUT (after 3 epochs)'."""
+    progress = state.get("epoch_progress")
+    when = (f"epoch {progress['epoch'] + 1}, step {progress['steps_done']}" if progress
+            else f"after {state['epochs_done']} epoch{'s' if state['epochs_done'] != 1 else ''}")
+    return f"the trained network of {out} ({when})"

@@ -42,7 +42,8 @@ from .bench_plan import (REFERENCE, SUITES, Entry, Run, Suite, default_lr, entri
 from .bench_report import write_cases_report, write_report
 from .errors import UserError
 from .experiment import RunSpec, build_rule
-from .runfiles import BENCH_FILES, RUN_FILES, Interrupted, StopRequests, load_checkpoint, read_json
+from .runfiles import (BENCH_FILES, RUN_FILES, Interrupted, StopRequests, check_not_held, hold_run_folder,
+                       load_checkpoint, read_json)
 from .spec import to_argv
 
 # ----- running ---------------------------------------------------------------------------------
@@ -277,7 +278,9 @@ def check_options(options: BenchOptions) -> None:
 
 
 def claim_bench_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder that holds a bench's runs or report unless --resume or --overwrite says what to do."""
+    """Refuse a folder that holds a bench's runs or report unless --resume or --overwrite says what to do,
+    and one that another bench is working in."""
+    check_not_held(out)
     held = [out / name for name in BENCH_FILES if (out / name).exists()]
     held += [path for name in RUN_FILES for path in out.glob(f"**/{name}")] if out.is_dir() else []
     if not held or resume:
@@ -301,7 +304,12 @@ def run_bench(options: BenchOptions) -> dict:
     validate_suite(suite, chosen)
     datasets = {name: load(name) for name in suite.datasets}  # missing data fails here, before any run
     claim_bench_dir(out, options.resume, options.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    with hold_run_folder(out):  # no other bench works in `out` until this one ends
+        return _run_suite(options, chosen, datasets)
+
+
+def _run_suite(options: BenchOptions, chosen: list[Entry], datasets: dict) -> dict:
+    suite, out = options.suite, options.out
     stage = dict(suite=suite, out=out, workers=options.workers, threads=options.threads, progress=options.progress,
                  device=options.device)
     trained = []
@@ -348,8 +356,9 @@ def case_options(options: BenchOptions, case: Suite) -> BenchOptions:
 
 def run_cases(options: BenchOptions) -> dict:
     """Each chosen case of a suite as its own bench in OUT/<case>, then OUT/RESULTS.md over every case run so far."""
-    summaries = [run_bench(case_options(options, case)) for case in selected_cases(options)]
-    report = write_cases_report(options)
+    with hold_run_folder(options.out):  # each case's folder is held too, while it runs
+        summaries = [run_bench(case_options(options, case)) for case in selected_cases(options)]
+        report = write_cases_report(options)
     return {"trained": sum(s["trained"] for s in summaries), "skipped": sum(s["skipped"] for s in summaries),
             **report}
 

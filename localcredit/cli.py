@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import sys
 from dataclasses import asdict, fields
@@ -15,21 +16,43 @@ from typing import Sequence
 import torch
 
 from . import distributed, rules, spec as spec_options
-from .align import alignment
+from .align import MEANING, alignment, measured_on, trained_rule
 from .data import describe_all
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .data.streaming import StreamedDataset
 from .experiment import (RunSpec, default_out_dir, fit, prepare, read_config, resolve_device, run_info, samples,
                          spec_from)
-from .runfiles import Interrupted, claim_out_dir, parse_checkpoint_every
+from .runfiles import (Interrupted, claim_out_dir, exit_process, hold_run_folder, keep_stop_signals_until_exit,
+                       parse_checkpoint_every, remove_temporaries)
 from .train import Diverged, Parallelism, TrainSpec, epoch_order
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump), exit code 2."""
+    """argparse, but a usage error is one line (no usage dump), exit code 2, and starts as every other
+    error does (``localcredit: error:``, whatever the command); a misspelled option gets a suggestion."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        if message.startswith("unrecognized arguments: "):
+            unknown = message.removeprefix("unrecognized arguments: ").split()[0]
+            message += did_you_mean(unknown.split("=")[0], self._known_flags()) if unknown.startswith("--") else ""
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            message += did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
+        self.exit(2, f"localcredit: error: {message}\n")
+
+    def _known_flags(self) -> list[str]:
+        """The flags of this parser, and of the command the arguments chose (argparse reports unknown
+        arguments from the top-level parser, which does not know the command's own flags)."""
+        parsers = [self]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [action.choices[word] for word in getattr(self, "_argv", []) if word in action.choices][:1]
+        return [flag for parser in parsers for action in parser._actions for flag in action.option_strings
+                if flag.startswith("--")]
 
 
 #: Options of the training recipe that `align` has no use for (it measures one batch at the initial weights).
@@ -174,13 +197,28 @@ def _flushing_subnormals(enabled: bool):
 
 def cmd_align(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
-    spec = _spec(args)
-    data, rule = prepare(spec)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    index = epoch_order(len(data.y_train), spec.seed, 0)[:args.batch_size]
+    extra: dict = {}
+    if args.run is not None:  # the trained network of a run folder
+        given = [name for name in spec_options.given(args, RunSpec) if name not in ("batch_size", "data_root")]
+        flags = [spec_options.flag_of(f) for f in fields(RunSpec) if f.name in given]
+        if flags or args.config is not None:
+            raise UserError(f"--run measures the run {args.run}/config.yaml describes; leave out "
+                            f"{', '.join(flags or ['--config'])}")
+        spec, data, rule, state = trained_rule(args.run, getattr(args, "data_root", None))
+        where = measured_on(args.run, state)
+        extra = {"run": str(args.run), "epochs_done": state["epochs_done"]}
+    else:
+        spec = _spec(args)
+        data, rule = prepare(spec)
+        where = f"the initial weights (seed {spec.seed}; --run OUT measures a trained run)"
+    # A batch of the training samples the run uses, in its first epoch's order.
+    n_train = min(spec.limit_train or len(data.y_train), len(data.y_train))
+    index = epoch_order(n_train, spec.seed, 0)[:args.batch_size]
     cosines = alignment(rule, *samples(data, index))
-    print(json.dumps({"rule": spec.rule, "data": spec.data, "cosine": [round(c, 6) for c in cosines]}))
+    print(json.dumps({"rule": spec.rule, "data": spec.data, **extra, "cosine": [round(c, 6) for c in cosines]}))
+    print(MEANING.format(where=f"{where}, a batch of {len(index)} training samples"), file=sys.stderr)
     return 0
 
 
@@ -201,12 +239,14 @@ def cmd_continual(args: argparse.Namespace) -> int:
     rule = build_rule(spec, data)
     out = Path(args.out or f"runs/continual/{args.scenario}/{default_out_dir(spec).split('/', 1)[1]}")
     claim_out_dir(out, False, args.overwrite, can_resume=False)
-    matrix = continual.run_stream(rule, stream, train_config(spec, progress=not args.quiet))
-    result = {**run_info(spec, rule), "scenario": args.scenario, "tasks": args.tasks,
-              "epochs_per_task": spec.epochs,
-              "task_classes": [task.classes for task in stream], **continual.summarise(matrix),
-              "command": "localcredit " + shlex.join(args.argv)}
-    continual.save(result, out, f"{spec.rule} on {args.scenario} {spec.data}")
+    with hold_run_folder(out):  # no other process works in `out` until this one has written its result
+        remove_temporaries(out)
+        matrix = continual.run_stream(rule, stream, train_config(spec, progress=not args.quiet))
+        result = {**run_info(spec, rule), "scenario": args.scenario, "tasks": args.tasks,
+                  "epochs_per_task": spec.epochs,
+                  "task_classes": [task.classes for task in stream], **continual.summarise(matrix),
+                  "command": "localcredit " + shlex.join(args.argv)}
+        continual.save(result, out, f"{spec.rule} on {args.scenario} {spec.data}")
     forgetting = result["forgetting"]
     print(f"{spec.rule} {args.scenario} {spec.data}: average_accuracy {result['average_accuracy']:.4f}, "
           f"forgetting {'n/a' if forgetting is None else f'{forgetting:.4f}'} -> {out}/result.json")
@@ -294,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("align", help="per-block cosine between a rule's update and the BP gradient (JSON)")
     _add_run_options(p, exclude=RECIPE_ONLY)
     p.add_argument("--batch-size", type=int, default=256, help="samples in the measured batch (default 256)")
+    p.add_argument("--run", default=None, metavar="OUT",
+                   help="measure the trained network of the run folder OUT (its config.yaml and checkpoint.pt) "
+                        "instead of a new one; no --rule, --data or network options then")
     p.set_defaults(func=cmd_align)
     p = sub.add_parser("continual", help="train tasks in sequence, evaluate all after each (forgetting); "
                                          "--epochs and --limit-train count per task (default 1 epoch)")
@@ -346,5 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point: a stop signal that comes after the command's work (its files
+    written) still ends the process with 128 + the signal (localcredit.runfiles.exit_process)."""
+    keep_stop_signals_until_exit()
+    exit_process(main())

@@ -57,7 +57,8 @@ from . import rules
 from .errors import UserError
 from .rules.base import Rule, StepFigures
 from .runfiles import STOP_SIGNALS, Interrupted, keep_stop_signals, noted_stop_signal
-from .train import AGREE_EVERY, Diverged, EpochProgress, Parallelism, Trainer
+from .train import (AGREE_EVERY, Diverged, EpochProgress, Parallelism, Trainer, check_step_sizes, smallest_step,
+                    step_sizes)
 
 DEFAULT_TIMEOUT_S = 120.0
 #: A bucket of a one-off all-reduce (batch-norm statistics); a 784-1000-1000-10 MLP fits in one.
@@ -148,11 +149,14 @@ def check_run(launch: Launch, rule: Rule, train_samples: int, batch_size: int) -
             what = "layers (hidden blocks + head)" if groups == len(rule.net.layers) else "modules (groups of blocks + head)"
             raise UserError(f"--parallel blocks cannot split {groups} {what} over {launch.procs} processes; "
                             f"use --procs {groups} or fewer")
-    elif launch.distributed:
-        smallest = min(batch_size, train_samples % batch_size or batch_size, train_samples)
-        if smallest < launch.procs:
-            raise UserError(f"a step of {smallest} samples cannot be shared by {launch.procs} processes; "
-                            f"choose --batch-size/--limit-train so that every step has at least {launch.procs}")
+    each = smallest_step(rule)  # samples a step needs (per process under --parallel data): 2 with batch norm
+    check_step_sizes(train_samples, batch_size, each)
+    if launch.mode == "data" and launch.distributed:
+        smallest, need = min(step_sizes(train_samples, batch_size, each)), launch.procs * each
+        if smallest < need:
+            why = f" ({each} each for batch norm)" if each > 1 else ""
+            raise UserError(f"a step of {smallest} samples cannot be shared by {launch.procs} processes{why}; "
+                            f"choose --batch-size/--limit-train so that every step has at least {need}")
 
 
 # ----- processes: starting them, joining the group, reporting failures -------------------------
@@ -412,6 +416,7 @@ class _Agreeing(Parallelism):
         self.place, self.backend = place, backend
         self.writer = place.rank == 0
         self._pending: tuple[torch.Tensor, Any] | None = None
+        self._stream_restored = False  # a checkpoint gave this process its own random stream back
 
     def _post(self, wants: tuple[int, int]) -> None:
         flags = torch.tensor(wants, dtype=torch.int64, device=self.place.device)
@@ -441,16 +446,40 @@ class _Agreeing(Parallelism):
         return max(earlier[0], now[0]), max(earlier[1], now[1])
 
     def checkpoint_extra(self, trainer: Trainer, progress: EpochProgress | None) -> dict[str, Any]:
-        # Every process's own random stream (dropout draws differ between processes), by rank.
+        # Every process's own random streams (dropout draws differ between processes), by rank.
         own = {"torch_rng": torch.get_rng_state()}
+        if self.place.device.type == "cuda":
+            own["cuda_rng"] = torch.cuda.get_rng_state(self.place.device)
         gathered: list[Any] = [None] * self.place.world
         dist.all_gather_object(gathered, own)
         return {"ranks": gathered}
 
     def load_checkpoint_extra(self, trainer: Trainer, extra: dict[str, Any]) -> None:
         ranks = extra.get("ranks") or []
-        if len(ranks) == self.place.world:  # resumed with another process count: process 0's stream it is
-            torch.set_rng_state(ranks[self.place.rank]["torch_rng"].cpu())
+        # Resumed with another process count: process 0's stream, which attach() separates again.
+        if len(ranks) == self.place.world:
+            own = ranks[self.place.rank]
+            torch.set_rng_state(own["torch_rng"].cpu())
+            if "cuda_rng" in own and self.place.device.type == "cuda":
+                torch.cuda.set_rng_state(own["cuda_rng"].cpu(), self.place.device)
+            self._stream_restored = True
+
+    def separate_random_streams(self) -> None:
+        """Give each process its own random stream (dropout masks, any random draw of a step), so that the
+        shares of a batch do not draw the same masks. Called after the weights are built from the seed
+        and shared; process 0 keeps the stream one process would have, process r > 0 is seeded from that
+        stream and r (CPU and CUDA). A resumed process whose checkpoint held its stream keeps that one."""
+        if self._stream_restored or self.place.rank == 0:
+            return
+        torch.manual_seed(rank_seed(torch.get_rng_state(), self.place.rank))
+
+
+def rank_seed(state: torch.Tensor, rank: int) -> int:
+    """The seed of process ``rank``'s own random stream: a number drawn from the shared stream ``state``
+    (the same in every process), plus ``rank``: different in every process, the same in every run."""
+    generator = torch.Generator()
+    generator.set_state(state)
+    return int(torch.randint(0, 2**62, (1,), generator=generator)) + rank
 
 
 @dataclass
@@ -605,6 +634,7 @@ class DataParallel(_Agreeing):
     def attach(self, trainer: Trainer) -> None:
         rule = trainer.rule
         broadcast_state(rule)
+        self.separate_random_streams()
         if self._own_statistics is not None:  # the broadcast gave every process process 0's statistics
             with torch.no_grad():
                 for buffer, saved in zip(_float_buffers(rule), self._own_statistics, strict=True):
@@ -793,6 +823,7 @@ class BlockPipeline(_Agreeing):
         broadcast_state(rule)
         probe = slice(0, trainer.config.batch_size)
         self.costs, self.output_shapes = probe_layers(rule, trainer.x_train[probe], trainer.y_train[probe])
+        self.separate_random_streams()
         self.stages = grouped_partition(self.costs, rule.layer_groups(), self.place.world)
 
     # ----- one epoch ---------------------------------------------------------------------------

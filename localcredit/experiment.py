@@ -22,7 +22,7 @@ import yaml
 
 from . import rules, spec as options
 from .architectures import NetSpec, parse_hidden
-from .data import Dataset, load
+from .data import Dataset, data_names, load
 from .data.streaming import IMAGEFOLDER_PREFIX, StreamedDataset, load_imagefolder, load_svhn
 from .errors import UserError
 from .rules.base import OptimConfig, Rule, parse_options
@@ -42,7 +42,7 @@ class RunSpec(NetSpec, TrainSpec, OptimConfig):
     TITLE: ClassVar[str] = "the run"
 
     rule: str = option(MISSING, "learning rule (see `localcredit rules`)")
-    data: str = option(MISSING, "fashion-mnist | mnist | cifar10 | svhn | npz:PATH | imagefolder:PATH | val:NAME")
+    data: str = option(MISSING, " | ".join(data_names()))
     data_root: str | None = option(None, "folder holding the data set's files (default: $LOCALCREDIT_DATA/<name>)")
     image_size: int | None = option(None, "imagefolder: resize the shorter side and centre-crop to this size",
                                     parse=int, check=at_least(1))

@@ -23,7 +23,7 @@ import typing
 from dataclasses import MISSING, field, fields
 from typing import Any, Callable
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 Check = Callable[[Any], "str | None"]  # a problem with the value, as the end of a sentence, or None
 
@@ -144,7 +144,8 @@ def from_mapping(cls: type, mapping: Any, source: str) -> dict[str, Any]:
     for raw_key, value in mapping.items():
         key = str(raw_key).replace("-", "_")
         if key not in known:
-            raise UserError(f"{source}: unknown key {raw_key!r}; the keys are {', '.join(known)}")
+            raise UserError(f"{source}: unknown key {raw_key!r}{did_you_mean(key, known)}; "
+                            f"the keys are {', '.join(known)}")
         try:
             values[key] = _coerce(known[key], hints[key], value)
         except (UserError, ValueError, TypeError) as exc:

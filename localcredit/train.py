@@ -35,7 +35,8 @@ from .data import Dataset
 from .data.streaming import StreamedDataset
 from .errors import UserError
 from .rules.base import Rule, StepFigures
-from .runfiles import CHECKPOINT, RESULT, Interrupted, StopRequests, load_checkpoint, parse_checkpoint_every
+from .runfiles import (CHECKPOINT, RESULT, Interrupted, StopRequests, hold_run_folder, load_checkpoint,
+                       parse_checkpoint_every, read_json, remove_temporaries)
 from .spec import at_least, check, one_of, option, parse_ints, positive
 
 
@@ -115,6 +116,30 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
+def smallest_step(rule: Rule) -> int:
+    """The fewest samples a training step (and each process's share of one) may hold: 2 when the rule
+    has batch norm (in its network or its own modules), which cannot normalise a single sample; else 1."""
+    return 2 if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in rule.modules()) else 1
+
+
+def step_sizes(n: int, batch_size: int, smallest: int = 1) -> list[int]:
+    """Samples per step of an epoch of ``n``: ``batch_size`` each, the rest last, merged into the step
+    before when it is smaller than ``smallest`` (with batch norm, a last step of 1 sample: docs/recipe.md)."""
+    sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    if len(sizes) > 1 and sizes[-1] < smallest:
+        tail = sizes.pop()
+        sizes[-1] += tail
+    return sizes
+
+
+def check_step_sizes(n: int, batch_size: int, smallest: int) -> None:
+    """A user error when a step stays smaller than ``smallest`` (batch norm with one sample in all, or per step)."""
+    if min(step_sizes(n, batch_size, smallest)) < smallest:
+        cause = f"--batch-size {batch_size}" if batch_size < smallest else f"{n} training sample"
+        raise UserError(f"batch norm cannot learn from a step of 1 sample ({cause}); "
+                        f"train on at least {smallest} samples per step")
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: allocated device memory on CUDA, else peak resident set size."""
     if device.type == "cuda":
@@ -122,11 +147,29 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux); elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via a temporary file in the same folder and rename, so a crash never leaves half a file."""
+    """Write via a temporary file in the same folder and rename, so a crash never leaves half a file.
+
+    The file gets the permissions of any file this process creates (0o666 less the umask), not
+    mkstemp's private 0o600.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~current_umask())
             write(handle)
         os.replace(tmp, path)
     except BaseException:
@@ -349,6 +392,9 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.run_info = dict(run_info or {})
         self.source = batch_source(data, config.limit_train, self.device)
+        check_step_sizes(self.source.train_size, config.batch_size, smallest_step(rule))
+        #: Samples per step of every epoch (with batch norm, a last step of 1 sample joins the one before).
+        self.step_sizes = step_sizes(self.source.train_size, config.batch_size, smallest_step(rule))
         self.augment = parse_augment(config.augment)
         if self.augment.active and len(data.input_shape) != 3:
             raise UserError(f"--augment needs image data (C, H, W); this data set has per-sample shape "
@@ -378,13 +424,27 @@ class Trainer:
 
         ``on_start``: called in the writing process once the checkpoint has been read and checked,
         before anything is written (a damaged checkpoint must leave the folder untouched).
+        The writing process holds out_dir (``OUT/.lock``) until it returns: another process that
+        would work there is refused (localcredit.runfiles.hold_run_folder).
         """
+        hold = hold_run_folder(self.out_dir) if self.out_dir is not None and self.parallel.writer else None
+        try:
+            return self._fit(resume, on_start)
+        finally:
+            if hold is not None:
+                hold.release()
+
+    def _fit(self, resume: bool, on_start: Callable[[], None] | None) -> dict[str, Any]:
         saved = self._read_checkpoint() if resume and self.out_dir is not None else None
         if self.out_dir is not None and self.parallel.writer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_temporaries(self.out_dir)  # of atomic writes that a killed process left halfway
             if on_start is not None:
                 on_start()
         resumed = self._restore(saved) if saved is not None else None
+        finished = self._finished_result() if saved is not None else None
+        if finished is not None:
+            return finished
         self.parallel.attach(self)
         with StopRequests() as self.stop:
             self.last_checkpoint = time.monotonic()
@@ -401,6 +461,19 @@ class Trainer:
                 raise
         result = self.result(status="ok")
         self._write_result(result)
+        return result
+
+    def _finished_result(self) -> dict[str, Any] | None:
+        """A resumed run that has trained all its epochs already: its result.json as it is (nothing rewritten)."""
+        path = self.out_dir / RESULT
+        if self.epochs_done < self.config.epochs or not path.exists():
+            return None
+        result = read_json(path)
+        if result.get("status") != "ok":
+            return None
+        if self.parallel.writer:
+            print(f"{self.out_dir} holds this run finished ({self.epochs_done} epochs): reusing it "
+                  f"(--overwrite trains it again)", file=sys.stderr)
         return result
 
     def run_epoch(self, progress: EpochProgress) -> None:
@@ -462,7 +535,7 @@ class Trainer:
     def epoch_batches(self, epoch: int, first_step: int = 0) -> list[torch.Tensor]:
         """The sample indices of every step of ``epoch`` from ``first_step`` on, in order (the same in every process)."""
         order = epoch_order(self.source.train_size, self.config.seed, epoch).to(self.device)
-        return list(order.split(self.config.batch_size))[first_step:]
+        return list(order.split(self.step_sizes))[first_step:]
 
     def training_batches(self, epoch: int, first_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(x, y) of every step of ``epoch`` from ``first_step`` on, augmented: the same in every process."""
@@ -501,7 +574,7 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.source.train_size / self.config.batch_size)
+        return len(self.step_sizes)
 
     def record_epoch(self, epoch: int, seconds: float, mean_stats: dict[str, float]) -> None:
         """Check the weights, then log an epoch's duration and its per-step mean of every logged figure."""
@@ -572,7 +645,7 @@ class Trainer:
         state = {"epochs_done": self.epochs_done, "fingerprint": json.dumps(self._fingerprint(), sort_keys=True),
                  "rule": self.rule.checkpoint_state(), "history": dict(self.history),
                  "schedulers": [s.state_dict() if s is not None else None for s in self.schedulers],
-                 "torch_rng": torch.get_rng_state(), "parallel": extra,
+                 "torch_rng": torch.get_rng_state(), "parallel": extra, "layout": self.layout(),
                  "epoch_progress": progress.state() if progress is not None else None}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -590,10 +663,31 @@ class Trainer:
             saved = json.loads(state["fingerprint"])
         except (TypeError, ValueError):
             raise UserError(f"{path} is not a localcredit training checkpoint; use another --out") from None
-        if not _same_run(saved, self._fingerprint()):
-            raise UserError(f"the checkpoint in {self.out_dir} was made with other options; "
-                            f"use another --out or the same options to resume")
+        current = json.loads(json.dumps(self._fingerprint(), sort_keys=True))  # as the checkpoint holds it
+        differences = _run_differences(saved, current)
+        if differences is None:
+            raise UserError(f"{path} is not a localcredit training checkpoint; use another --out")
+        if differences:
+            raise UserError(f"the checkpoint in {self.out_dir} was made with other options "
+                            f"({'; '.join(differences)}); use another --out or the same options to resume")
+        planned, epochs = saved["train"].get("epochs"), self.config.epochs
+        schedule = _total_epochs_schedule(current)
+        if schedule and planned != epochs:
+            raise UserError(f"the checkpoint in {self.out_dir} follows {schedule} over {planned} epoch(s); "
+                            f"--epochs {epochs} would change that schedule: resume with --epochs {planned}, "
+                            f"or start a new run (another --out, or --overwrite)")
+        saved_layout = checkpoint_layout(state)
+        if state.get("epoch_progress") and saved_layout != self.layout():
+            # Mid-epoch, each layout keeps its own partial state (per-stage sums, per-process statistics).
+            raise UserError(f"the checkpoint in {self.out_dir} stopped in the middle of an epoch under "
+                            f"{describe_layout(saved_layout)}; resume it the same way, not under "
+                            f"{describe_layout(self.layout())} (a layout may change at an epoch's end)")
         return state
+
+    def layout(self) -> dict[str, Any]:
+        """How this run is spread over processes: {"mode": none | data | blocks, "procs": K}."""
+        described = self.parallel.describe()
+        return {"mode": described["mode"], "procs": described["procs"]}
 
     def _restore(self, state: dict[str, Any]) -> EpochProgress | None:
         """Load a checkpoint's state; the epoch it stopped in, when it stopped mid-epoch."""
@@ -611,11 +705,68 @@ class Trainer:
         return EpochProgress(**progress) if progress else None
 
 
-def _same_run(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    # --epochs may grow on resume (train a finished run further); nothing else may change.
-    def strip(fp: dict[str, Any]) -> dict[str, Any]:
-        return {"train": {**fp["train"], "epochs": None}, "run": {**fp["run"], "epochs": None}}
+def checkpoint_layout(state: dict[str, Any]) -> dict[str, Any]:
+    """The process layout a checkpoint was written under (inferred for a checkpoint that does not say)."""
+    if isinstance(state.get("layout"), dict):
+        return state["layout"]
+    ranks = (state.get("parallel") or {}).get("ranks") or []
+    totals = (state.get("epoch_progress") or {}).get("totals") or {}
+    return {"mode": "blocks" if "per_rank" in totals else "data" if ranks else "none", "procs": max(len(ranks), 1)}
+
+
+def describe_layout(layout: dict[str, Any]) -> str:
+    if layout["mode"] == "none" or layout["procs"] == 1:
+        return "one process"
+    return f"--parallel {layout['mode']} --procs {layout['procs']}"
+
+
+def _run_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str] | None:
+    """What differs between a checkpoint's fingerprint and this run's, one ``--flag: X in the checkpoint,
+    Y now`` per option (None: a fingerprint of another shape, not this run's).
+
+    --epochs may grow on resume (train a finished run further; see _total_epochs_schedule); nothing
+    else may change. The network's description counts only when no option explains the difference.
+    """
     try:
-        return strip(saved) == strip(current)
-    except (KeyError, TypeError):  # a fingerprint of another shape: not this run's
-        return False
+        pairs = [(saved[part], current[part]) for part in ("train", "run")]
+    except (KeyError, TypeError):
+        return None
+    if not all(isinstance(old, dict) and isinstance(new, dict) for old, new in pairs):
+        return None
+    found: dict[str, str] = {}
+    for old, new in pairs:
+        for key in sorted(set(old) | set(new)):
+            if key == "epochs" or old.get(key) == new.get(key):
+                continue
+            if key == "options" and isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+                for option in sorted(set(old[key]) | set(new[key])):
+                    was, now = old[key].get(option, "unset"), new[key].get(option, "unset")
+                    if was != now:
+                        found[f"--set {option}"] = _was_now(was, now)
+            else:
+                found.setdefault(f"--{key.replace('_', '-')}", _was_now(old.get(key, "unset"), new.get(key, "unset")))
+    if "--rule" in found:  # another rule has other options (and maybe another network): the rule says it all
+        found = {flag: values for flag, values in found.items() if not flag.startswith("--set ")}
+    if len(found) > 1:
+        found.pop("--network", None)
+    return [f"{flag}: {values}" for flag, values in found.items()]
+
+
+def _was_now(old: Any, new: Any) -> str:
+    def text(value: Any) -> str:
+        if value is None:  # left to its default (a rule's learning rate, ...)
+            return "default"
+        if isinstance(value, list):
+            return ",".join(map(str, value)) or "none"
+        return str(value)
+    return f"{text(old)} in the checkpoint, {text(new)} now"
+
+
+def _total_epochs_schedule(fingerprint: dict[str, Any]) -> str | None:
+    """What in a run is planned over its total epochs, so that --epochs cannot change on resume."""
+    if fingerprint["train"].get("lr_schedule") == "cosine":
+        return "a cosine learning-rate schedule (--lr-schedule cosine)"
+    options = fingerprint["run"].get("options")
+    if isinstance(options, dict) and options.get("schedule") == "layerwise":
+        return "a layer-wise schedule (--set schedule=layerwise)"
+    return None

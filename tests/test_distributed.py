@@ -136,6 +136,27 @@ def test_batch_norm_statistics_are_the_same_on_every_process_after_a_data_parall
     assert all(not torch.equal(first[name], initial[name]) for name in running), "the statistics were trained"
 
 
+def _dropout_masks(place, npz: str, out: Path) -> None:
+    """One rank of a data-parallel run on a net with dropout: its weights, and the masks of its next draws."""
+    torch.set_num_threads(1)
+    data = load(npz)
+    rule = build_rule(RunSpec(rule="bp", data=npz, hidden=[16], dropout=0.5), data)
+    parallel = DataParallel(place, "gloo")
+    parallel.attach(Trainer(rule, data, TrainConfig(epochs=1, limit_train=200, progress=False), parallel=parallel))
+    rule.net.train()
+    masks = rule.net.blocks[0](torch.ones(4, 784)) != 0  # dropout after the first layer's ReLU
+    torch.save({"state": rule.state_dict(), "masks": masks}, out / f"dropout-{place.rank}.pt")
+
+
+def test_processes_draw_their_own_dropout_masks_from_the_same_weights(npz, tmp_path):
+    assert spawn(plan(2, "data", "cpu", timeout_s=TIMEOUT_S), _dropout_masks, npz, tmp_path) == 0
+    first, second = (torch.load(tmp_path / f"dropout-{r}.pt", weights_only=True) for r in (0, 1))
+    for key, value in first["state"].items():
+        assert torch.equal(value, second["state"][key]), key
+    assert not torch.equal(first["masks"], second["masks"]), "both shares of a batch drew the same dropout masks"
+    assert distributed.rank_seed(torch.get_rng_state(), 1) != distributed.rank_seed(torch.get_rng_state(), 2)
+
+
 def _overlap_rule(npz: str, rule_name: str):
     """A rule on a 784-32-32-10 MLP whose first block holds one more parameter that no loss reaches."""
     rule = build_rule(RunSpec(rule=rule_name, data=npz, hidden=[32, 32], optimizer="sgd"), load(npz))
@@ -337,6 +358,8 @@ REFUSED = {
     "unknown layout": (["--rule", "bp", "--procs", "2", "--parallel", "pipes"], "--parallel"),
     "step smaller than procs": (["--rule", "bp", "--procs", "2", "--batch-size", "50", "--limit-train", "101"],
                                 "step of 1 samples"),
+    "batch norm share of one sample": (["--rule", "bp", "--norm", "batch", "--procs", "2", "--batch-size", "50",
+                                        "--limit-train", "103"], "(2 each for batch norm)"),
     "cuda without GPUs": (["--rule", "bp", "--procs", "2", "--device", "cuda"], "cuda"),
     "bad timeout": (["--rule", "bp", "--procs", "2", "--dist-timeout", "0"], "--dist-timeout"),
 }

@@ -4,6 +4,7 @@ clean stop on SIGTERM / SIGINT that resumes to the uninterrupted run's numbers."
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 
 from localcredit.cli import main
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.runfiles import Interrupted, parse_checkpoint_every
+from localcredit.runfiles import LOCK, Interrupted, check_not_held, hold_run_folder, parse_checkpoint_every
 from localcredit.train import CHECKPOINT, RESULT, Parallelism, TrainConfig, Trainer
 
 from .conftest import subset
@@ -304,7 +305,102 @@ def test_kill_9_while_a_checkpoint_is_written_leaves_the_previous_one_usable(npz
     killed = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING, *argv], capture_output=True, timeout=TIMEOUT_S)
     assert killed.returncode == -signal.SIGKILL
     assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["epochs_done"] == 1
+    assert list((tmp_path / "run").glob(f".{CHECKPOINT}.*")), "the half-written temporary file is left"
     assert main([*argv, "--resume"]) == 0
+    assert not list((tmp_path / "run").glob(f".{CHECKPOINT}.*")), "the resumed run removes it"
     assert main([*argv[:-1], str(tmp_path / "straight")]) == 0
     final, reference = (json.loads((tmp_path / o / RESULT).read_text()) for o in ("run", "straight"))
     assert final["test_accuracy_per_epoch"] == reference["test_accuracy_per_epoch"]
+
+
+# ----- a signal after the run is written; options that changed on --resume; one process per folder ------------
+LATE_SIGNAL = """
+import atexit, os, signal, sys, time
+import localcredit.cli as cli
+when, signum = sys.argv[1], getattr(signal, sys.argv[2])
+real_fit = cli.fit
+def fit(*args, **kwargs):
+    result = real_fit(*args, **kwargs)  # result.json is written
+    if when == "after the run":
+        os.kill(os.getpid(), signum)
+    return result
+cli.fit = fit
+if when == "while the process ends":  # an atexit callback runs after the command, as the process ends
+    atexit.register(lambda: (os.kill(os.getpid(), signum), time.sleep(30)))
+sys.argv = ["localcredit", *sys.argv[3:]]
+cli.run()
+"""
+
+
+@pytest.mark.parametrize("when,signum", [("after the run", signal.SIGTERM), ("while the process ends", signal.SIGTERM),
+                                         ("while the process ends", signal.SIGINT)])
+def test_a_stop_signal_after_the_run_is_written_ends_with_its_exit_code(npz, tmp_path, when, signum):
+    argv = ["train", "--quiet", "--rule", "bp", "--data", npz, "--hidden", "16", "--epochs", "1", "--limit-train",
+            "500", "--threads", "1", "--out", str(tmp_path / "run")]
+    done = subprocess.run([sys.executable, "-c", LATE_SIGNAL, when, signal.Signals(signum).name, *argv],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 128 + signum, done.stderr  # not killed by the signal's default action (-15)
+    assert "Traceback" not in done.stderr and f"stopped by {signal.Signals(signum).name}" in done.stderr
+    assert json.loads((tmp_path / "run" / RESULT).read_text())["status"] == "ok"
+
+
+def test_resume_names_the_options_that_changed(finished, capsys):
+    out, argv = finished
+    before = folder_bytes(out)
+    assert main([*argv, "--resume", "--lr", "0.01", "--batch-size", "64"]) == 2
+    err = one_error_line(capsys)
+    assert "other options" in err and "--batch-size: 128 in the checkpoint, 64 now" in err, err
+    assert "--lr: default in the checkpoint, 0.01 now" in err, err
+    assert main([*argv, "--resume", "--set", "init=uniform"]) == 2  # bp has no such option: refused earlier
+    assert folder_bytes(out) == before
+
+
+def test_resume_cannot_stretch_a_cosine_schedule(npz, tmp_path, capsys):
+    argv = ["train", "--rule", "bp", "--data", npz, "--hidden", "16", "--epochs", "1", "--limit-train", "500",
+            "--lr-schedule", "cosine", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 0
+    before = folder_bytes(tmp_path / "run")
+    assert main([*argv, "--epochs", "3", "--resume"]) == 2
+    err = one_error_line(capsys)
+    assert "cosine" in err and "over 1 epoch" in err and "--epochs 3" in err and "--epochs 1" in err, err
+    assert folder_bytes(tmp_path / "run") == before
+    assert main([*argv, "--resume"]) == 0  # the same epochs: the finished run, reused
+
+
+def test_a_second_process_in_a_run_folder_is_refused_with_the_holders_pid(npz, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(train_command(npz, out, "--rule", "bp", "--hidden", "256", "--epochs", "50"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not ((out / LOCK).exists() and (out / LOCK).read_text().strip() == str(first.pid)):
+            assert first.poll() is None, first.communicate()[1]
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.05)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            second = subprocess.run(train_command(npz, out, "--rule", "bp", "--hidden", "256", "--epochs", "50",
+                                                  *extra), capture_output=True, text=True, timeout=TIMEOUT_S)
+            assert second.returncode == 2, second.stderr
+            assert second.stderr.count("\n") == 1 and str(out) in second.stderr, second.stderr
+            assert f"PID {first.pid}" in second.stderr and "in use" in second.stderr, second.stderr
+            assert first.poll() is None  # the first one goes on
+    finally:
+        first.kill()
+        first.communicate()
+    check_not_held(out)  # kill -9 released the lock: the stale file holds nobody
+    with hold_run_folder(out):
+        assert (out / LOCK).read_text().strip() == str(os.getpid())
+    assert not (out / LOCK).exists()
+
+
+def test_continual_and_bench_refuse_a_folder_another_process_holds(npz, tmp_path, capsys):
+    for argv in (["continual", "--rule", "bp", "--data", npz, "--hidden", "16", "--scenario", "permuted",
+                  "--tasks", "2", "--limit-train", "200", "--quiet"],
+                 ["bench", "--suite", "smoke", "--rules", "bp", "--quiet"]):
+        out = tmp_path / argv[0]
+        with hold_run_folder(out):
+            assert main([*argv, "--out", str(out)]) == 2
+            err = one_error_line(capsys)
+            assert str(out) in err and f"PID {os.getpid()}" in err, err
+            assert sorted(p.name for p in out.iterdir()) == [LOCK]
+        assert not out.exists()  # the hold made it, and took it away again

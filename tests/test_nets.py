@@ -167,6 +167,51 @@ def test_measuring_alignment_changes_no_statistic(fashion_small):
             assert min(cosines) > 0.99999, cosines
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_alignment_on_cuda_gives_both_measurements_the_same_dropout_masks(fashion_small):
+    from localcredit.align import alignment
+
+    rule = build_rule(RunSpec(rule="bp", data="fashion-mnist", hidden=[64, 64], dropout=0.5), fashion_small).to("cuda")
+    x, y = fashion_small.x_train[:64].cuda(), fashion_small.y_train[:64].cuda()
+    cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state()
+    assert min(alignment(rule, x, y)) > 0.99999  # dropout on CUDA draws from the CUDA generator
+    assert torch.equal(cpu, torch.get_rng_state()) and torch.equal(cuda, torch.cuda.get_rng_state())
+
+
+def full_state(rule):
+    """Everything a measurement could change: every tensor (non-persistent buffers too), the gradients,
+    the checkpointed bookkeeping, the statistics result.json reports and the modules' training flags."""
+    tensors = {f"{kind}:{name}": t.detach().clone() for kind, named in (("p", rule.named_parameters()),
+                                                                         ("b", rule.named_buffers()))
+               for name, t in named}
+    grads = {name: None if p.grad is None else p.grad.clone() for name, p in rule.named_parameters()}
+    return tensors, grads, repr(rule.extra_state()), repr(rule.statistics()), [m.training for m in rule.modules()]
+
+
+@pytest.mark.parametrize("name,options,network", [
+    ("dgl", [], dict(**DEEP_NETWORKS["vgg"], dropout=0.2)),  # its auxiliary networks' own batch norm
+    ("lfnn", [], dict(**DEEP_NETWORKS["vgg"], dropout=0.2)),  # leader counts (a non-persistent buffer), samples
+    ("lfnn-l", [], dict(hidden=[32, 32])),
+    ("gaitprop", [], dict(arch="invertible", hidden=[784])),  # its step counter and factorisations
+])
+def test_measuring_alignment_changes_nothing_in_the_rule(fashion_small, name, options, network):
+    from localcredit.align import alignment
+
+    rule = build_rule(RunSpec(rule=name, data="fashion-mnist", options=options, **network), fashion_small)
+    x, y = fashion_small.x_train[:32], fashion_small.y_train[:32]
+    rule.step(x, y)
+    rule.net.eval()  # a flag the measurement must give back too
+    before = full_state(rule)
+    alignment(rule, fashion_small.x_train[32:96], fashion_small.y_train[32:96])
+    after = full_state(rule)
+    for part_before, part_after in zip(before[:2], after[:2]):
+        assert part_before.keys() == part_after.keys()
+        changed = [k for k, v in part_before.items()
+                   if (v is None) != (part_after[k] is None) or (v is not None and not torch.equal(v, part_after[k]))]
+        assert not changed, changed
+    assert before[2:] == after[2:]
+
+
 def test_frozen_layerwise_blocks_keep_their_statistics(fashion_small):
     rule = build_rule(RunSpec(rule="local-random", data="fashion-mnist", options=["schedule=layerwise"],
                               **DEEP_NETWORKS["vgg"]), fashion_small)  # 3 hidden blocks + head over 3 epochs

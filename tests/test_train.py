@@ -58,6 +58,16 @@ def test_resume_reaches_the_same_final_state(tiny, tmp_path, rule, network):
         assert torch.equal(value, straight_state[key]), key
 
 
+def test_resuming_a_finished_run_reuses_it_and_rewrites_nothing(tiny, tmp_path, capsys):
+    # What a second `make demo` does: its runs are finished, so --resume must only report them.
+    _, first = run(tiny, tmp_path, epochs=1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    _, again = run(tiny, tmp_path, epochs=1, resume=True)
+    assert again == first
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert "finished (1 epochs): reusing it" in capsys.readouterr().err
+
+
 def test_checkpoint_loads_with_weights_only_and_leaves_no_temp_files(tiny, tmp_path):
     run(tiny, tmp_path, epochs=1)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
@@ -130,3 +140,71 @@ def test_read_figures_gives_the_floats_item_gives_in_one_go():
     steps = [{"loss": loss, "count": 3}, {"loss": torch.tensor(2.5, dtype=torch.bfloat16), "head_loss": 0.25}]
     assert read_figures(steps) == [{"loss": loss.item(), "count": 3}, {"loss": 2.5, "head_loss": 0.25}]
     assert read_figures([{"loss": 1.0}]) == [{"loss": 1.0}]
+
+
+# ----- batch norm and a last step of one sample ------------------------------------------------------
+def test_a_last_step_of_one_sample_joins_the_step_before_with_batch_norm(tiny, tmp_path):
+    def trainer(limit, norm, out=None, epochs=2):
+        spec = RunSpec(rule="bp", data=tiny.name, hidden=[16], norm=norm, seed=3)
+        return Trainer(build_rule(spec, tiny), tiny, TrainConfig(epochs=epochs, batch_size=128, limit_train=limit,
+                                                                 seed=3, progress=False), out_dir=out)
+
+    with_bn = trainer(257, "batch")
+    assert with_bn.step_sizes == [128, 129] and with_bn.steps_per_epoch == 2
+    assert sorted(torch.cat(with_bn.epoch_batches(1)).tolist()) == list(range(257))  # every sample, every epoch
+    assert trainer(257, "none").step_sizes == [128, 128, 1]  # without batch norm nothing changes
+    straight = with_bn.fit()
+    assert straight["status"] == "ok" and len(straight["train_loss_per_epoch"]) == 2
+    trainer(257, "batch", tmp_path, epochs=1).fit()  # as if stopped after epoch 1
+    resumed = trainer(257, "batch", tmp_path).fit(resume=True)
+    assert resumed["train_loss_per_epoch"] == straight["train_loss_per_epoch"]
+    assert trainer(129, "batch").step_sizes == [129]
+
+
+def test_batch_norm_on_steps_of_one_sample_is_a_user_error(tiny):
+    from localcredit.errors import UserError
+
+    spec = RunSpec(rule="bp", data=tiny.name, hidden=[16], norm="batch")
+    with pytest.raises(UserError, match="--batch-size 1"):
+        Trainer(build_rule(spec, tiny), tiny, TrainConfig(epochs=1, batch_size=1, limit_train=10, progress=False))
+    with pytest.raises(UserError, match="1 training sample"):
+        Trainer(build_rule(spec, tiny), tiny, TrainConfig(epochs=1, batch_size=8, limit_train=1, progress=False))
+
+
+# ----- a checkpoint records its process layout ----------------------------------------------------
+class LaidOut(Parallelism):
+    """One process that reports the layout ``mode`` x ``procs`` and dies at its ``dies_at``-th step."""
+
+    def __init__(self, mode="none", procs=1, dies_at=None):
+        self.mode, self.procs, self.dies_at, self.calls = mode, procs, dies_at, 0
+
+    def step(self, trainer, x, y):
+        self.calls += 1
+        if self.calls == self.dies_at:
+            raise RuntimeError("killed")
+        return super().step(trainer, x, y)
+
+    def describe(self):
+        return {"mode": self.mode, "procs": self.procs, "backend": None}
+
+
+@pytest.mark.parametrize("first,then", [(("blocks", 2), ("none", 1)), (("none", 1), ("data", 2))])
+def test_a_mid_epoch_checkpoint_resumes_only_under_its_layout_an_epoch_end_under_any(tiny, tmp_path, first, then):
+    from localcredit.errors import UserError
+
+    def fit(out, parallel, resume=False, every="4"):
+        spec = RunSpec(rule="fa", data=tiny.name, hidden=[16], seed=3)
+        config = TrainConfig(epochs=2, batch_size=100, limit_train=1000, seed=3, progress=False, checkpoint_every=every)
+        return Trainer(build_rule(spec, tiny), tiny, config, out_dir=out, parallel=parallel).fit(resume=resume)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path / "mid", LaidOut(*first, dies_at=7))  # after the checkpoint at step 4 of epoch 1
+    assert torch.load(tmp_path / "mid" / CHECKPOINT, weights_only=True)["layout"] == dict(zip(("mode", "procs"), first))
+    with pytest.raises(UserError, match="middle of an epoch") as refused:
+        fit(tmp_path / "mid", LaidOut(*then), resume=True)
+    assert all(f"--parallel {mode} --procs {procs}" in str(refused.value) or mode == "none"
+               for mode, procs in (first, then)) and "one process" in str(refused.value)
+    assert fit(tmp_path / "mid", LaidOut(*first), resume=True)["status"] == "ok"  # under its own layout it goes on
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path / "end", LaidOut(*first, dies_at=13), every="off")  # the checkpoint of epoch 1's end
+    assert fit(tmp_path / "end", LaidOut(*then), resume=True)["epochs_completed"] == 2

@@ -19,6 +19,14 @@ from .sources import (
 
 
 
+def data_names() -> list[str]:
+    """Every form ``--data`` takes, as its help and its errors list them: the named data sets (in memory,
+    then streamed), then the ones that name a file or folder, then the validation split of any of those
+    held in memory."""
+    return [*sources.dataset_names(), *streaming.STREAMED_DATASETS, f"{sources.NPZ_PREFIX}PATH",
+            f"{streaming.IMAGEFOLDER_PREFIX}PATH", f"{sources.VALIDATION_PREFIX}NAME"]
+
+
 def describe_all() -> list[DatasetInfo]:
     """Every data set ``localcredit datasets`` lists: the in-memory ones, then the streamed ones."""
     return [*sources.describe_all(), streaming.describe_svhn(), streaming.describe_imagefolder()]
@@ -29,6 +37,7 @@ __all__ = [
     "DatasetInfo",
     "cache_dir",
     "data_home",
+    "data_names",
     "dataset_names",
     "describe_all",
     "has_idx_files",

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 
 DEFAULT_DATA_HOME = Path("/usr/share/datasets")
 NAMED_DATASETS = ("fashion-mnist", "mnist", "cifar10")
@@ -152,7 +152,14 @@ def load(name: str, root: str | os.PathLike | None = None) -> Dataset:
         return _load_npz(name[len(NPZ_PREFIX):])
     loaders = {"fashion-mnist": _load_fashion_mnist, "mnist": _load_mnist, "cifar10": _load_cifar10}
     if name not in loaders:
-        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(NAMED_DATASETS)} or npz:PATH")
+        from . import data_names, streaming  # the whole list (streamed data sets included), made in the package
+
+        if name in streaming.STREAMED_DATASETS or name.startswith(streaming.IMAGEFOLDER_PREFIX):
+            raise UserError(f"{name} is streamed from disk (`--data {name}` trains on it); {VALIDATION_PREFIX}NAME "
+                            f"and load() take a data set held in memory: {', '.join(NAMED_DATASETS)} or "
+                            f"{NPZ_PREFIX}PATH")
+        raise UserError(f"unknown dataset {name!r}{did_you_mean(name, data_names())}; "
+                        f"choose one of {', '.join(data_names())}")
     return loaders[name](root)
 
 

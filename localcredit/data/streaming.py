@@ -68,6 +68,8 @@ from ..errors import UserError
 from .sources import STD_FLOOR, DatasetInfo, data_home, stratified_split
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
+#: The named data sets that are streamed from disk (``localcredit.experiment.load_data`` routes them here).
+STREAMED_DATASETS = ("svhn",)
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 TRAIN_FOLDER, VAL_FOLDER = "train", "val"
 # Palette layouts whose grey entries can be recognised from the header: 3 or 4 bytes per entry.

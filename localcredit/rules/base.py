@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..architectures import NetSpec, build as build_net
-from ..errors import UserError
+from ..errors import UserError, did_you_mean
 from ..nets import BlockNet
 from ..spec import at_least, check as check_options, one_of, option as spec_option, positive
 
@@ -55,7 +55,8 @@ def register(name: str) -> Callable[[type["Rule"]], type["Rule"]]:
 
 def get(name: str) -> type["Rule"]:
     if name not in _REGISTRY:
-        raise UserError(f"unknown rule {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        raise UserError(f"unknown rule {name!r}{did_you_mean(name, _REGISTRY)}; "
+                        f"available: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
@@ -130,7 +131,8 @@ def parse_options(config_cls: type, assignments: Sequence[str]) -> Any:
             raise UserError(f"--set expects key=value, got {assignment!r}")
         if key not in fields:
             known = ", ".join(fields) or "none"
-            raise UserError(f"unknown option {key!r} for this rule; its options are: {known}")
+            raise UserError(f"unknown option {key!r} for this rule{did_you_mean(key, fields)}; "
+                            f"its options are: {known}")
         values[key] = _convert(key, raw.strip(), hints[key])
     return make_config(config_cls, values)
 
@@ -141,7 +143,8 @@ def make_config(config_cls: type, values: dict[str, Any]) -> Any:
     names = [f.name for f in dataclasses.fields(config_cls)]
     for key, value in values.items():
         if key not in names:
-            raise UserError(f"unknown option {key!r} for this rule; its options are: {', '.join(names) or 'none'}")
+            raise UserError(f"unknown option {key!r} for this rule{did_you_mean(key, names)}; "
+                            f"its options are: {', '.join(names) or 'none'}")
         _check_type(key, value, hints[key])
     config = config_cls(**values)
     validate = getattr(config, "validate", None)
