@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +13,10 @@ import localcredit as lc
 from localcredit.data import Dataset, load
 
 
-@pytest.fixture(scope="session")
-def fashion() -> Dataset:
+@functools.cache
+def fashion_data() -> Dataset:
     # Real data, never skipped: CI installs it (`make data`); a missing package must fail loudly.
+    # A plain function too, so that benchmarks/learning_floors.py runs the learning tests' cases.
     return load("fashion-mnist")
 
 
@@ -22,10 +25,24 @@ def subset(data: Dataset, train: int, test: int) -> Dataset:
                    x_test=data.x_test[:test], y_test=data.y_test[:test], num_classes=data.num_classes)
 
 
-@pytest.fixture(scope="session")
-def fashion_small(fashion) -> Dataset:
+def fashion_small_data() -> Dataset:
     """10k training and 2k test images: enough to see learning in a second or two."""
-    return subset(fashion, 10_000, 2_000)
+    return subset(fashion_data(), 10_000, 2_000)
+
+
+def fashion_deep_data() -> Dataset:
+    """3k training and 1k test images: what the deep-network learning tests train on."""
+    return subset(fashion_data(), 3_000, 1_000)
+
+
+@pytest.fixture(scope="session")
+def fashion() -> Dataset:
+    return fashion_data()
+
+
+@pytest.fixture(scope="session")
+def fashion_small() -> Dataset:
+    return fashion_small_data()
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +52,8 @@ def _two_threads():
 
 
 @pytest.fixture(scope="session")
-def fashion_deep(fashion) -> Dataset:
-    """3k training and 1k test images: what the deep-network learning tests train on."""
-    return subset(fashion, 3_000, 1_000)
+def fashion_deep() -> Dataset:
+    return fashion_deep_data()
 
 
 #: The deep networks every rule is tested on (the user's own is built by :func:`user_conv_net`).

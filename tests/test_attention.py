@@ -24,8 +24,12 @@ def relative_errors(rule, x, y):
 
 class TestNextLayerAttentionBP(RuleContract):
     rule = "nan-bp"
-    accuracy_floor = 0.80
-    deep_floors = {"vgg": 0.80, "resnet": 0.55, "user": 0.76}  # measured 0.858 / 0.665 / 0.832 (= bp)
+    accuracy_floor = 0.78  # seeds 0-4 x 1, 2 threads: min 0.811, median 0.830
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.836 / 0.853, resnet 0.631 / 0.667, user 0.795 / 0.821
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.836 / 0.853, resnet 0.631 / 0.667, user 0.795 / 0.821
+    deep_floors = {"vgg": 0.80, "resnet": 0.60, "user": 0.76}
 
     @pytest.mark.parametrize("arch,hidden,activation", [
         ("mlp", [64, 32], "relu"), ("mlp", [64, 32], "tanh"), ("mlp", [64, 32], "sigmoid"),
@@ -86,8 +90,12 @@ class TestNextLayerAttentionBP(RuleContract):
 
 class TestNextLayerAttention(RuleContract):
     rule = "nan"
-    accuracy_floor = 0.80
-    deep_floors = {"vgg": 0.76, "resnet": 0.5, "user": 0.76}  # measured 0.847 / 0.624 / 0.834
+    accuracy_floor = 0.78  # seeds 0-4 x 1, 2 threads: min 0.817, median 0.831
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.842 / 0.849, resnet 0.624 / 0.663, user 0.796 / 0.819
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.842 / 0.849, resnet 0.624 / 0.663, user 0.796 / 0.819
+    deep_floors = {"vgg": 0.81, "resnet": 0.58, "user": 0.76}
 
     def kernels(self, rule):
         return [(layer.weight.detach(), rule.attention_kernel(layer.weight.detach()))

@@ -12,8 +12,12 @@ from .rule_contract import RuleContract
 
 class TestBackprop(RuleContract):
     rule = "bp"
-    accuracy_floor = 0.80
-    deep_floors = {"vgg": 0.80, "resnet": 0.55, "user": 0.76}  # measured 0.858 / 0.665 / 0.832
+    accuracy_floor = 0.78  # seeds 0-4 x 1, 2 threads: min 0.811, median 0.830
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.836 / 0.853, resnet 0.631 / 0.667, user 0.795 / 0.821
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.836 / 0.853, resnet 0.631 / 0.667, user 0.795 / 0.821
+    deep_floors = {"vgg": 0.80, "resnet": 0.60, "user": 0.76}
 
     @pytest.mark.parametrize("arch,activation", [("mlp", "relu"), ("mlp", "tanh"), ("conv", "relu")])
     def test_update_directions_equal_autograd(self, fashion_small, arch, activation):

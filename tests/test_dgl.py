@@ -29,8 +29,14 @@ def assert_module_local(rule, x, y):
 
 class TestDecoupledGreedy(RuleContract):
     rule = "dgl"
-    accuracy_floor = 0.80  # measured 0.829 / 0.831 (seeds 0, 1)
-    deep_floors = {"vgg": 0.70, "resnet": 0.22, "user": 0.76}  # measured 0.758 / 0.323 / 0.829
+    accuracy_floor = 0.79  # seeds 0-4 x 1, 2 threads: min 0.822, median 0.830
+    # On resnet-8 at this budget dgl's test accuracy is near chance for some seeds (0.107 at seed 3) and a
+    # sign-flipped dgl scores 0.192: no accuracy floor can tell them apart there; the falling training loss
+    # (checked for every deep network) does (seed 3: 10.7 -> 8.5; broken: 21.9 -> 851). Issue 29 (modules)
+    # is the remedy for local rules on residual nets.
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.753 / 0.780, resnet 0.107 / 0.262, user 0.769 / 0.790
+    deep_floors = {"vgg": 0.72, "resnet": 0.05, "user": 0.73}
 
     @pytest.mark.parametrize("network,group,modules", [
         (dict(arch="mlp", hidden=[64, 32, 32]), 1, [[0], [1], [2], [3]]),

@@ -11,8 +11,10 @@ from .rule_contract import RuleContract
 
 class TestFeedbackAlignment(RuleContract):
     rule = "fa"
-    accuracy_floor = 0.78
-    deep_floors = {"vgg": 0.72, "resnet": 0.2, "user": 0.74}  # measured 0.818 / 0.292 / 0.820
+    accuracy_floor = 0.73  # seeds 0-4 x 1, 2 threads: min 0.768, median 0.810
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.752 / 0.788, resnet 0.209 / 0.290, user 0.779 / 0.810
+    deep_floors = {"vgg": 0.70, "resnet": 0.15, "user": 0.74}
 
     @pytest.mark.parametrize("network", [
         dict(arch="mlp", hidden=[64, 32]),
@@ -44,8 +46,10 @@ class TestFeedbackAlignment(RuleContract):
 
 class TestDirectFeedbackAlignment(RuleContract):
     rule = "dfa"
-    accuracy_floor = 0.78
-    deep_floors = {"vgg": 0.72, "resnet": 0.2, "user": 0.74}  # measured 0.807 / 0.261 / 0.811
+    accuracy_floor = 0.74  # seeds 0-4 x 1, 2 threads: min 0.779, median 0.806
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.797 / 0.801, resnet 0.168 / 0.256, user 0.774 / 0.806
+    deep_floors = {"vgg": 0.76, "resnet": 0.11, "user": 0.74}
 
     def test_equals_bp_for_one_hidden_layer_when_feedback_is_the_head(self, fashion_small):
         # With one hidden block, BP's error at h_1 is W_head^T e: DFA with B_1 = W_head is BP.

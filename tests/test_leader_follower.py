@@ -226,8 +226,10 @@ class TestLeaderSelection:
 
 class TestLeaderFollowerLocal(RuleContract):
     rule = "lfnn-l"
-    accuracy_floor = 0.78  # measured 0.807 / 0.811 / 0.810 (seeds 0-2)
-    deep_floors = {"vgg": 0.68, "resnet": 0.28, "user": 0.72}  # measured 0.777 / 0.407 / 0.816
+    accuracy_floor = 0.76  # seeds 0-4 x 1, 2 threads: min 0.794, median 0.824
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.729 / 0.766, resnet 0.204 / 0.297, user 0.740 / 0.787
+    deep_floors = {"vgg": 0.69, "resnet": 0.10, "user": 0.70}
 
     @pytest.mark.parametrize("network", [dict(arch="mlp", hidden=[64, 32, 32]), dict(arch="conv", hidden=[32]),
                                          dict(DEEP_NETWORKS["resnet"], hidden=[])])
@@ -264,8 +266,10 @@ class TestLeaderFollowerLocal(RuleContract):
 
 class TestLeaderFollower(RuleContract):
     rule = "lfnn"
-    accuracy_floor = 0.80  # measured 0.834 / 0.830 / 0.827 (seeds 0-2)
-    deep_floors = {"vgg": 0.75, "resnet": 0.5, "user": 0.76}  # measured 0.832 / 0.611 / 0.832
+    accuracy_floor = 0.77  # seeds 0-4 x 1, 2 threads: min 0.803, median 0.827
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.804 / 0.827, resnet 0.567 / 0.609, user 0.776 / 0.817
+    deep_floors = {"vgg": 0.77, "resnet": 0.51, "user": 0.74}
 
     def test_is_lfnn_l_plus_the_global_gradient(self, fashion_small):
         x, y = self.batch(fashion_small, n=40)

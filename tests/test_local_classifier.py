@@ -8,7 +8,8 @@ from localcredit.rules.base import parse_options
 from localcredit.rules.local_classifier import LocalClassifierConfig, classification_loss, layerwise_active_layers
 from localcredit.train import TrainConfig, Trainer
 
-from .conftest import DEEP_NETWORKS
+from .conftest import DEEP_NETWORKS, fashion_small_data
+from .learning import Breakage, break_rule, fit, learning_case
 from .rule_contract import RuleContract
 
 
@@ -30,8 +31,10 @@ def assert_local(rule, x, y):
 
 class TestLocalRandom(RuleContract):
     rule = "local-random"
-    accuracy_floor = 0.78  # measured 0.813 / 0.803 / 0.804 (seeds 0-2)
-    deep_floors = {"vgg": 0.70, "resnet": 0.22, "user": 0.72}  # measured 0.786 / 0.327 / 0.808
+    accuracy_floor = 0.69  # seeds 0-4 x 1, 2 threads: min 0.742, median 0.812
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.761 / 0.789, resnet 0.209 / 0.303, user 0.766 / 0.787
+    deep_floors = {"vgg": 0.73, "resnet": 0.11, "user": 0.73}
 
     @pytest.mark.parametrize("network", [dict(arch="mlp", hidden=[64, 32, 32]), dict(arch="conv", hidden=[32]),
                                          dict(DEEP_NETWORKS["resnet"], hidden=[]), dict(DEEP_NETWORKS["vgg"])])
@@ -77,18 +80,13 @@ class TestLocalRandom(RuleContract):
         assert rule.statistics()["training_layers_per_epoch"] == [[0], [1, 2]]
 
     def test_layerwise_learns(self, fashion_small):
-        # Epoch 1 trains block 1 only, epoch 2 block 2 and the head on top of the frozen block 1.
-        rule = self.make(fashion_small, hidden=[256, 256], options=["schedule=layerwise"])
-        result = Trainer(rule, fashion_small, TrainConfig(epochs=2, progress=False)).fit()
-        # measured 0.775 / 0.787 / 0.789 (seeds 0-2)
-        assert result["test_accuracy"] >= 0.75, result["test_accuracy_per_epoch"]
+        result = learn_with_options(fashion_small, "layerwise")
+        assert result["test_accuracy"] >= OPTION_FLOORS["layerwise"], result["test_accuracy_per_epoch"]
 
     @pytest.mark.parametrize("loss", ["mse", "hinge"])
     def test_other_losses_learn(self, fashion_small, loss):
-        rule = self.make(fashion_small, hidden=[256], options=[f"loss={loss}"])
-        result = Trainer(rule, fashion_small, TrainConfig(epochs=1, progress=False)).fit()
-        # measured mse 0.796 / 0.781 / 0.788, hinge 0.768 / 0.769 / 0.757 (seeds 0-2)
-        assert result["test_accuracy"] >= 0.72, result["test_accuracy_per_epoch"]
+        result = learn_with_options(fashion_small, loss)
+        assert result["test_accuracy"] >= OPTION_FLOORS[loss], result["test_accuracy_per_epoch"]
 
     def test_losses_are_zero_only_at_the_target(self):
         y = torch.tensor([0, 2])
@@ -102,10 +100,31 @@ class TestLocalRandom(RuleContract):
             parse_options(LocalClassifierConfig, ["schedule=backwards"])
 
 
+#: local-random's options that change how it learns: (hidden, options, epochs); 10k images, batch 128.
+#: layerwise: epoch 1 trains block 1 only, epoch 2 block 2 and the head on top of the frozen block 1.
+OPTION_CASES = {"layerwise": ([256, 256], ["schedule=layerwise"], 2), "mse": ([256], ["loss=mse"], 1),
+                "hinge": ([256], ["loss=hinge"], 1)}
+# min / median, seeds 0-4 x 1, 2 threads: layerwise 0.774 / 0.788, mse 0.762 / 0.776, hinge 0.737 / 0.762
+OPTION_FLOORS = {"layerwise": 0.74, "mse": 0.73, "hinge": 0.70}
+
+
+def learn_with_options(data, case: str, seed: int = 0, broken: Breakage | None = None) -> dict:
+    hidden, options, epochs = OPTION_CASES[case]
+    rule = break_rule(TestLocalRandom().make(data, seed=seed, hidden=hidden, options=options), broken)
+    return fit(Trainer(rule, data, TrainConfig(epochs=epochs, seed=seed, progress=False)), broken)
+
+
+for _case, _floor in OPTION_FLOORS.items():
+    learning_case(f"test_local_classifier::local-random[{_case}]", _floor)(
+        lambda seed, broken=None, case=_case: learn_with_options(fashion_small_data(), case, seed, broken)["test_accuracy"])
+
+
 class TestLocalLearned(RuleContract):
     rule = "local-learned"
-    accuracy_floor = 0.80  # measured 0.827 / 0.835 / 0.834 (seeds 0-2)
-    deep_floors = {"vgg": 0.70, "resnet": 0.25, "user": 0.74}  # measured 0.789 / 0.364 / 0.816
+    accuracy_floor = 0.78  # seeds 0-4 x 1, 2 threads: min 0.819, median 0.829
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.780 / 0.790, resnet 0.306 / 0.327, user 0.765 / 0.794
+    deep_floors = {"vgg": 0.75, "resnet": 0.27, "user": 0.73}
 
     @pytest.mark.parametrize("network", [dict(arch="mlp", hidden=[64, 32, 32]), dict(DEEP_NETWORKS["resnet"], hidden=[])])
     def test_no_error_crosses_a_block(self, fashion_small, network):

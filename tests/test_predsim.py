@@ -29,8 +29,10 @@ def reference_sim_loss(h, target):
 
 class TestPredSim(RuleContract):
     rule = "predsim"
-    accuracy_floor = 0.80  # measured 0.832 / 0.829 (seeds 0, 1)
-    deep_floors = {"vgg": 0.72, "resnet": 0.15, "user": 0.76}  # measured 0.793 / 0.226 / 0.827
+    accuracy_floor = 0.79  # seeds 0-4 x 1, 2 threads: min 0.826, median 0.832
+    # min / median, seeds 0-4 x 1, 2 threads:
+    # vgg 0.770 / 0.793, resnet 0.226 / 0.255, user 0.778 / 0.807
+    deep_floors = {"vgg": 0.74, "resnet": 0.18, "user": 0.74}
 
     def test_identical_samples_of_one_class_give_zero_sim_loss(self):
         h = torch.randn(1, 5, 3, 3).repeat(4, 1, 1, 1)
