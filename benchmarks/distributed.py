@@ -239,7 +239,7 @@ class _StepsOnly:
 
 
 def _steps_rank(place, name: str, steps: int, out: str) -> None:
-    from localcredit.distributed import DataParallel
+    from localcredit.training.distributed import DataParallel
 
     rule, data = _ddp_rule(name)
     parallel = DataParallel(place, "gloo")
@@ -259,7 +259,7 @@ def _steps_rank(place, name: str, steps: int, out: str) -> None:
 
 
 def step_times(args: argparse.Namespace) -> None:
-    from localcredit.distributed import plan, spawn
+    from localcredit.training.distributed import plan, spawn
 
     load_at_start = os.getloadavg()
     rows = []

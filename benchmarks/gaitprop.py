@@ -32,11 +32,11 @@ from typing import Iterator
 
 import torch
 
-from localcredit.align import alignment
-from localcredit.architectures import parse_hidden, parse_patches
+from localcredit.rules.alignment import alignment
+from localcredit.nets.architectures import parse_hidden, parse_patches
 from localcredit.data import load
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.train import epoch_order
+from localcredit.training.trainer import epoch_order
 
 VARIANTS = {  # name -> (rule, --set options)
     "bp": ("bp", []),
@@ -212,7 +212,7 @@ def update_with_older_factors(rule, x, y) -> list[torch.Tensor]:
 
 
 def stale_solves(args, data) -> None:
-    from localcredit import invertible
+    from localcredit.nets import invertible
 
     factorisations = []
     count = invertible.Factorisation.__init__
@@ -256,7 +256,7 @@ def stale_solves(args, data) -> None:
 
 
 def learn(args, data) -> None:
-    from localcredit.train import TrainConfig, Trainer
+    from localcredit.training.trainer import TrainConfig, Trainer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ For every registered rule on each conv net (vgg8b and ResNet-20; gaitprop, tp an
   (``host_syncs_per_step``) beside the reason (``syncs_by_design``);
 * step time from CUDA events around those steps (one synchronisation after the last), peak memory
   as ``torch.cuda.max_memory_allocated`` over them minus the allocation before them, and the step
-  memory of :mod:`localcredit.memory` over a few more steps; each as a ratio to BP on the same net;
+  memory of :mod:`localcredit.bench.memory` over a few more steps; each as a ratio to BP on the same net;
 * ``--bf16`` runs every step under ``torch.autocast(dtype=torch.bfloat16)``.
 
 ``--dry-run`` runs all of it on the CPU with tiny nets, a handful of steps and synthetic data (the
@@ -43,7 +43,7 @@ import torch
 from localcredit import rules
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.memory import step_memory
+from localcredit.bench.memory import step_memory
 
 INVERTING = ("gaitprop", "itp", "tp")
 #: In what torch's sync debug mode says at a wait, as an error (mode "error") or a warning (mode "warn").

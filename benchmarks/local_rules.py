@@ -13,7 +13,7 @@ cpu: process CPU time per step on one thread (10 steps per rule per round, round
 figure a loaded machine disturbs least.
 
 memory: every (rule, batch size) runs in a fresh subprocess, so nothing of one rule's allocations
-is left for the next. The child measures the step's memory with localcredit.memory (the same meter
+is left for the next. The child measures the step's memory with localcredit.bench.memory (the same meter
 as the bench's probes): step_memory_mb, the most memory of tensors made by training steps alive at
 one time during a step (activations, temporaries, what the rule carries between steps; weights,
 gradients, optimiser state and the data set left out), and step_gradient_mb beside it.
@@ -36,8 +36,8 @@ import torch
 
 from localcredit.data import load
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.memory import step_memory
-from localcredit.train import TrainConfig, Trainer
+from localcredit.bench.memory import step_memory
+from localcredit.training.trainer import TrainConfig, Trainer
 
 RULES = ["bp", "local-random", "local-learned", "lfnn-l", "lfnn"]
 HIDDEN = [1000, 1000, 1000, 1000]

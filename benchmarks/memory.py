@@ -44,7 +44,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from localcredit.bench_report import write_csv  # noqa: E402
+from localcredit.bench.report import write_csv  # noqa: E402
 
 INVERTING = ("gaitprop", "itp", "tp")  # rules that train invertible networks only
 BATCHES = (128, 512)
@@ -100,7 +100,7 @@ def plan() -> list[tuple[str, int]]:
 def measure_one(rule: str, network: str, batch: int, steps: int, warmup: int, data) -> dict:
     """One rule's step memory on one network (``bp@twin``: BP on the invertible twin)."""
     from localcredit.experiment import RunSpec, build_rule
-    from localcredit.memory import step_memory
+    from localcredit.bench.memory import step_memory
 
     net = networks()[network]
     name = rule.removesuffix("@twin")

@@ -21,7 +21,7 @@ import torch
 
 from localcredit.data import Dataset, load
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.train import TrainConfig, Trainer
+from localcredit.training.trainer import TrainConfig, Trainer
 
 CANDIDATES: list[tuple[str, list[str]]] = [
     ("bp", []),

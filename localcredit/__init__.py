@@ -11,11 +11,11 @@ The Python API (docs/python.md)::
 
 __version__ = "0.1.0"
 
-from .architectures import NetSpec, register_architecture
+from .nets.architectures import NetSpec, register_architecture
 from .errors import UserError
 from .experiment import RunSpec, fit
-from .layers import register_layer
-from .nets import BlockNet, blocknet
+from .nets.layers import register_layer
+from .nets.blocknet import BlockNet, blocknet
 from .rules import Rule, available as available_rules, make_rule, register as register_rule
 
 __all__ = ["BlockNet", "NetSpec", "Rule", "RunSpec", "UserError", "available_rules", "blocknet", "fit", "make_rule",

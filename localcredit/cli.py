@@ -15,16 +15,18 @@ from typing import Sequence
 
 import torch
 
-from . import distributed, rules, spec as spec_options
-from .align import MEANING, alignment, measured_on, trained_rule
+from . import rules, spec as spec_options
+from .bench.align import MEANING, measured_on, trained_rule
 from .data import describe_all
 from .errors import UserError, did_you_mean
+from .rules.alignment import alignment
 from .data.streaming import StreamedDataset
 from .experiment import (RunSpec, default_out_dir, fit, prepare, read_config, resolve_device, run_info, samples,
                          spec_from)
-from .runfiles import (Interrupted, claim_out_dir, exit_process, hold_run_folder, keep_stop_signals_until_exit,
+from .training.runfiles import (Interrupted, claim_out_dir, exit_process, hold_run_folder, keep_stop_signals_until_exit,
                        parse_checkpoint_every, remove_temporaries)
-from .train import Diverged, Parallelism, TrainSpec, epoch_order
+from .training import distributed
+from .training.trainer import Diverged, Parallelism, TrainSpec, epoch_order
 
 
 class _Parser(argparse.ArgumentParser):
@@ -223,8 +225,8 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 
 def cmd_continual(args: argparse.Namespace) -> int:
-    from . import continual
-    from .data.continual import SCENARIOS, make_stream
+    from .continual import runner as continual
+    from .continual.scenarios import SCENARIOS, make_stream
     from .experiment import build_rule, load_data, train_config, validate
 
     _set_threads(args.threads)
@@ -254,7 +256,7 @@ def cmd_continual(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchOptions, estimate, get_suite, run_bench, with_seeds
+    from .bench.runner import BenchOptions, estimate, get_suite, run_bench, with_seeds
 
     suite = with_seeds(get_suite(args.suite), args.seeds)
     names = [n.strip() for n in args.rules.split(",") if n.strip()] if args.rules is not None else None
@@ -390,6 +392,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
     """Console-script entry point: a stop signal that comes after the command's work (its files
-    written) still ends the process with 128 + the signal (localcredit.runfiles.exit_process)."""
+    written) still ends the process with 128 + the signal (localcredit.training.runfiles.exit_process)."""
     keep_stop_signals_until_exit()
     exit_process(main())

@@ -21,14 +21,14 @@ import torch
 import yaml
 
 from . import rules, spec as options
-from .architectures import NetSpec, parse_hidden
+from .nets.architectures import NetSpec, parse_hidden
 from .data import Dataset, data_names, load
 from .data.streaming import IMAGEFOLDER_PREFIX, StreamedDataset, load_imagefolder, load_svhn
 from .errors import UserError
 from .rules.base import OptimConfig, Rule, parse_options
 from .spec import at_least, option
-from .runfiles import CONFIG, claim_out_dir
-from .train import Parallelism, TrainConfig, Trainer, TrainSpec, atomic_write_bytes
+from .training.runfiles import CONFIG, claim_out_dir
+from .training.trainer import Parallelism, TrainConfig, Trainer, TrainSpec, atomic_write_bytes
 
 __all__ = ["RunSpec", "parse_hidden", "validate", "build_rule", "prepare", "fit", "run_info", "default_out_dir",
            "spec_from", "write_config", "CONFIG"]
@@ -172,7 +172,7 @@ def fit(spec: RunSpec, out: str | Path | None = None, resume: bool = False, devi
 
     An ``out`` that holds a run is refused unless ``resume`` (continue it) or ``overwrite`` (replace
     it). Returns the result dict (what result.json holds); a signal raises
-    :class:`~localcredit.runfiles.Interrupted` after the checkpoint is written.
+    :class:`~localcredit.training.runfiles.Interrupted` after the checkpoint is written.
     """
     data, rule = prepared if prepared is not None else prepare(spec)
     info = {**run_info(spec, rule), "command": command or "localcredit.fit"}

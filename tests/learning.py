@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Literal
 
 from localcredit.rules.base import Rule
-from localcredit.train import Diverged, Trainer
+from localcredit.training.trainer import Diverged, Trainer
 
 Breakage = Literal["zero", "flip"]
 

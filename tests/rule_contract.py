@@ -16,7 +16,7 @@ import torch
 
 import localcredit as lc
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.train import TrainConfig, Trainer, read_figures
+from localcredit.training.trainer import TrainConfig, Trainer, read_figures
 
 from .conftest import DEEP_NETWORKS, subset, user_conv_net
 from .learning import Breakage, break_rule, fit

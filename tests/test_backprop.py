@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from localcredit.align import alignment, bp_gradients
+from localcredit.rules.alignment import alignment, bp_gradients
 from localcredit.rules.base import flat_grad
 
 from .rule_contract import RuleContract

@@ -206,7 +206,7 @@ def test_flush_denormal_flushes_while_training_and_restores_the_default(good_npz
 
     subnormal = torch.tensor([1e-39])
     seen = []
-    from localcredit.train import Trainer
+    from localcredit.training.trainer import Trainer
 
     real_fit = Trainer.fit
 

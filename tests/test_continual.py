@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from localcredit.cli import main
-from localcredit.continual import (average_accuracy, backward_transfer, forgetting, run_stream,
+from localcredit.continual.runner import (average_accuracy, backward_transfer, forgetting, run_stream,
                                    evaluate_task)
-from localcredit.data.continual import make_stream
+from localcredit.continual.scenarios import make_stream
 from localcredit.data.sources import Dataset
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.train import Diverged, TrainConfig
+from localcredit.training.trainer import Diverged, TrainConfig
 
 from .conftest import fashion_data, subset
 from .learning import Breakage, break_rule, learning_case

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from localcredit.distributed import grouped_partition
+from localcredit.training.distributed import grouped_partition
 from localcredit.errors import UserError
 from localcredit.rules.base import parse_options
 from localcredit.rules.dgl import DGLConfig

@@ -21,10 +21,10 @@ import torch
 
 from localcredit.cli import main
 from localcredit.data import load
-from localcredit import distributed
-from localcredit.distributed import DataParallel, GradientBuckets, partition, plan, spawn
+from localcredit.training import distributed
+from localcredit.training.distributed import DataParallel, GradientBuckets, partition, plan, spawn
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.train import CHECKPOINT, RESULT, Parallelism, TrainConfig, Trainer
+from localcredit.training.trainer import CHECKPOINT, RESULT, Parallelism, TrainConfig, Trainer
 
 TIMEOUT_S = 120
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from localcredit.align import alignment, bp_gradients
-from localcredit.layers import weight_layers
+from localcredit.rules.alignment import alignment, bp_gradients
+from localcredit.nets.layers import weight_layers
 
 from .rule_contract import RuleContract
 

@@ -17,8 +17,8 @@ import torch
 
 from localcredit.cli import main
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.runfiles import LOCK, Interrupted, check_not_held, hold_run_folder, parse_checkpoint_every
-from localcredit.train import CHECKPOINT, RESULT, Parallelism, TrainConfig, Trainer
+from localcredit.training.runfiles import LOCK, Interrupted, check_not_held, hold_run_folder, parse_checkpoint_every
+from localcredit.training.trainer import CHECKPOINT, RESULT, Parallelism, TrainConfig, Trainer
 
 from .conftest import subset
 
@@ -224,7 +224,7 @@ def test_a_damaged_result_file_in_a_bench_is_one_line(tmp_path, capsys):
     run.mkdir(parents=True)
     (run / RESULT).write_text('{"status": "ok", "epochs"')
     before = folder_bytes(tmp_path)
-    from localcredit.bench_plan import read_result
+    from localcredit.bench.plan import read_result
 
     with pytest.raises(Exception, match="damaged"):
         read_result(run)
@@ -284,7 +284,7 @@ def test_sigterm_in_epoch_2_exits_143_and_resume_reaches_the_uninterrupted_accur
 
 KILL_WHILE_SAVING = """
 import os, signal, sys, torch
-import localcredit.train as train
+import localcredit.training.trainer as train
 real_save, calls = torch.save, []
 def save(obj, handle, *args, **kwargs):
     calls.append(1)

@@ -7,8 +7,8 @@ from torch import nn
 
 import localcredit as lc
 from localcredit.errors import UserError
-from localcredit.layers import check_layer_math, layer_kind, swapped_input_gradients, weight_layers, weight_op
-from localcredit.nets import blocknet
+from localcredit.nets.layers import check_layer_math, layer_kind, swapped_input_gradients, weight_layers, weight_op
+from localcredit.nets.blocknet import blocknet
 
 WEIGHT_LAYERS = {
     "linear": (lambda: nn.Linear(12, 7), (5, 12)),
@@ -96,7 +96,7 @@ class Scale(nn.Module):
 
 
 def test_an_unregistered_layer_type_is_refused_in_one_line_then_one_registration_admits_it():
-    from localcredit.layers import _KINDS
+    from localcredit.nets.layers import _KINDS
 
     net = blocknet(nn.Sequential(nn.Linear(6, 5), Scale(5), nn.Linear(5, 3)), (6,), 3, group=[2, 1])
     with pytest.raises(UserError, match=r"block 0 \(1\) is a Scale") as refused:

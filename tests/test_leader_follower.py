@@ -13,7 +13,7 @@ from localcredit.rules.base import parse_options
 from localcredit.rules.leader_follower import (GroupedWorkerHead, LeaderFollowerConfig, LeaderFollowerLocal,
                                                leader_follower_loss, select_leaders, worker_losses)
 from localcredit.rules.local_classifier import block_features
-from localcredit.train import TrainConfig, Trainer
+from localcredit.training.trainer import TrainConfig, Trainer
 
 from .conftest import DEEP_NETWORKS, subset
 from .rule_contract import RuleContract

@@ -11,7 +11,7 @@ from torch import nn
 
 import localcredit as lc
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.memory import MB, measure_steps, step_memory
+from localcredit.bench.memory import MB, measure_steps, step_memory
 from localcredit.rules.base import Rule
 
 HELD = 2**18  # float32 elements: 1 MiB

@@ -9,7 +9,7 @@ from torch import nn
 
 import localcredit as lc
 from localcredit import rules
-from localcredit.architectures import NetSpec, ResidualUnit, build, parse_layer_string
+from localcredit.nets.architectures import NetSpec, ResidualUnit, build, parse_layer_string
 from localcredit.spec import to_argv
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
@@ -154,7 +154,7 @@ def test_building_any_rule_leaves_batch_norm_statistics_bit_identical(fashion_sm
 
 
 def test_measuring_alignment_changes_no_statistic(fashion_small):
-    from localcredit.align import alignment
+    from localcredit.rules.alignment import alignment
 
     for name in ("bp", "fa", "nan", "local-learned", "lfnn"):
         rule = build_rule(RunSpec(rule=name, data="fashion-mnist", **DEEP_NETWORKS["vgg"], dropout=0.3), fashion_small)
@@ -169,7 +169,7 @@ def test_measuring_alignment_changes_no_statistic(fashion_small):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_alignment_on_cuda_gives_both_measurements_the_same_dropout_masks(fashion_small):
-    from localcredit.align import alignment
+    from localcredit.rules.alignment import alignment
 
     rule = build_rule(RunSpec(rule="bp", data="fashion-mnist", hidden=[64, 64], dropout=0.5), fashion_small).to("cuda")
     x, y = fashion_small.x_train[:64].cuda(), fashion_small.y_train[:64].cuda()
@@ -195,7 +195,7 @@ def full_state(rule):
     ("gaitprop", [], dict(arch="invertible", hidden=[784])),  # its step counter and factorisations
 ])
 def test_measuring_alignment_changes_nothing_in_the_rule(fashion_small, name, options, network):
-    from localcredit.align import alignment
+    from localcredit.rules.alignment import alignment
 
     rule = build_rule(RunSpec(rule=name, data="fashion-mnist", options=options, **network), fashion_small)
     x, y = fashion_small.x_train[:32], fashion_small.y_train[:32]

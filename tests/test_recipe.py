@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from localcredit.augment import Augment, augment_batch, parse_augment
+from localcredit.training.augment import Augment, augment_batch, parse_augment
 from localcredit.experiment import RunSpec, build_rule, train_config
-from localcredit.train import CHECKPOINT, Trainer
+from localcredit.training.trainer import CHECKPOINT, Trainer
 
 from .conftest import subset
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.train import CHECKPOINT, RESULT, Diverged, Parallelism, TrainConfig, Trainer, read_figures
+from localcredit.training.trainer import CHECKPOINT, RESULT, Diverged, Parallelism, TrainConfig, Trainer, read_figures
 
 from .conftest import subset
 

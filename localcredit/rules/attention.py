@@ -11,7 +11,7 @@ the attention kernel M is W itself for ``nan-bp`` (and then A = -dL/dh exactly: 
 BP) and a budgeted re-weighting of W for ``nan``. The head's attention comes from the task:
 A = -dL/dlogits.
 
-How it runs: every message is computed by the per-layer-type math of ``localcredit.layers``. Each
+How it runs: every message is computed by the per-layer-type math of ``localcredit.nets.layers``. Each
 weight layer's best response is its registered parameter gradient and the attention it passes
 down is its registered input gradient with M in place of W (``swapped_input_gradients``); the
 local derivatives between weight layers are those layers' own backward passes. Autograd only
@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..layers import check_layer_math, swapped_input_gradients, weight_layers
+from .alignment import alignment
+from ..nets.layers import check_layer_math, swapped_input_gradients, weight_layers
 from .base import Rule, StepFigures, option, register
 
 #: the share of a next-layer unit's attention whose support is reported by ``statistics()``
@@ -85,7 +86,6 @@ class NextLayerAttentionBP(Rule):
 
     def record(self) -> dict[str, Any]:
         """Per weight layer that passes attention down: its support; per block, on the last batch seen, the cosine with BP."""
-        from ..align import alignment  # align imports the rules package: import it at call time
 
         with torch.no_grad():
             support = {name: round(attention_support(self.layer_kernel(name, layer)), 6)

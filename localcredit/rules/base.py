@@ -1,4 +1,4 @@
-"""The Rule interface: how learning signals reach each block of a :class:`~localcredit.nets.BlockNet`.
+"""The Rule interface: how learning signals reach each block of a :class:`~localcredit.nets.blocknet.BlockNet`.
 
 A rule's one job is :meth:`Rule.assign_credit`: given a batch, write into ``.grad`` of every
 parameter the update direction the rule wants (gradient sign convention: the optimiser subtracts
@@ -11,7 +11,7 @@ it). Everything else is shared:
   pass), so that data parallel averages them while the rest of the step is still computed;
 * local rules (``local = True``) also expose one layer's share of a step,
   :meth:`Rule.block_step_loss`, so that a block pipeline can run their layers on different
-  processes (``localcredit.distributed``);
+  processes (``localcredit.training.distributed``);
 * :meth:`Rule.update_directions` = the same directions, collected per block, for ``align``;
 * optimisers are real ``torch.optim`` ones, one per parameter group the rule declares
   (local rules declare one group per block).
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architectures import NetSpec, build as build_net
+from ..nets.architectures import NetSpec, build as build_net
 from ..errors import UserError, did_you_mean
-from ..nets import BlockNet
+from ..nets.blocknet import BlockNet
 from ..spec import at_least, check as check_options, one_of, option as spec_option, positive
 
 _REGISTRY: dict[str, type["Rule"]] = {}
@@ -200,7 +200,7 @@ def _type_name(kind: Any) -> str:
 #: A step's logged figures by name ("loss" among them): floats, or 0-dim tensors that may still be
 #: computing on the device. Reading a tensor (``.item()``) makes the host wait for the device, so a
 #: rule returns ``loss.detach()`` and the caller decides when to read (the Trainer: every few steps
-#: on CUDA, ``localcredit.train.read_figures``).
+#: on CUDA, ``localcredit.training.trainer.read_figures``).
 StepFigures = dict[str, float | torch.Tensor]
 
 #: ``hook(rule, stats)`` runs after assign_credit, before the optimisers step. It may rewrite the

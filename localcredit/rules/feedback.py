@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..layers import check_layer_math, swapped_input_gradients, weight_layers, weight_op
+from ..nets.layers import check_layer_math, swapped_input_gradients, weight_layers, weight_op
 from .base import Rule, StepFigures, option, register
 
 
@@ -40,7 +40,7 @@ class FeedbackAlignment(Rule):
     """Feedback alignment (Lillicrap et al. 2016): errors flow down through fixed random matrices.
 
     Every weight layer (Linear, Conv) of every block gets a fixed random B_l of its weight's shape,
-    used by its backward pass in place of W_l (``localcredit.layers``); batch norm, activations,
+    used by its backward pass in place of W_l (``localcredit.nets.layers``); batch norm, activations,
     pooling and residual adds keep their own backward. With B_l = W_l this is exactly BP.
     """
 

@@ -31,8 +31,8 @@ from typing import Any, ClassVar, Iterator, Literal
 import torch
 
 from ..errors import UserError
-from ..invertible import Factorisation, InvertibleBlock, Trace, check_invertible
-from ..nets import BlockNet
+from ..nets.invertible import Factorisation, InvertibleBlock, Trace, check_invertible
+from ..nets.blocknet import BlockNet
 from .base import Rule, StepFigures, option, register
 
 #: Adam learning rate when --lr is not given: the orthogonality regulariser needs slow steps

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..layers import WeightOp, replaced_weight_forwards, weight_op
+from ..nets.layers import WeightOp, replaced_weight_forwards, weight_op
 from .base import StepFigures, option, register
 from .local_classifier import LocalLossRule, block_features, feature_size
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..layers import swapped_input_gradients, weight_layers, weight_op
+from ..nets.layers import swapped_input_gradients, weight_layers, weight_op
 from .base import option, register
 from .feedback import random_feedback
 from .local_classifier import LocalLossRule

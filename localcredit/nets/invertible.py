@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import NetSpec, register_architecture
-from .errors import UserError
+from ..errors import UserError
 from .layers import register_layer
-from .nets import BlockNet
+from .blocknet import BlockNet
 
 SLOPE = 0.1
 #: Widest default layer: square N x N layers cost N^3 to factorise.
@@ -434,7 +434,7 @@ def _required_op(module: nn.Module) -> InvertibleOp:
     op = invertible_op(module)
     if op is None:
         raise UserError(f"{type(module).__name__} is not an invertible layer type "
-                        f"(localcredit.invertible.register_invertible declares one)")
+                        f"(localcredit.nets.invertible.register_invertible declares one)")
     return op
 
 

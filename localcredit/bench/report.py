@@ -22,8 +22,8 @@ matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .bench_plan import REFERENCE, Entry, Run, read_result, spec_of  # noqa: E402
-from .spec import to_argv  # noqa: E402
+from .plan import REFERENCE, Entry, Run, read_result, spec_of  # noqa: E402
+from ..spec import to_argv  # noqa: E402
 
 PLOTS = ("learning_curves.png", "accuracy.png", "alignment.png", "cost.png")
 
@@ -156,8 +156,8 @@ def recipe_table(suite, chosen: Sequence[Entry], lrs: dict) -> list[str]:
 
 def forward_flops_text(suite) -> str:
     """FLOPs of one sample's forward pass through the suite's network, for 28x28 grey images."""
-    from . import invertible  # noqa: F401  (registers the invertible architectures)
-    from .architectures import build
+    from ..nets import invertible  # noqa: F401  (registers the invertible architectures)
+    from ..nets.architectures import build
     from .flops import forward_flops
 
     net = build(replace(suite.network, arch=suite.arch), (1, 28, 28), 10)
@@ -251,12 +251,12 @@ def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall
         f"{suite.epochs} epoch(s), batch {suite.batch_size}, Adam, seeds 0..{suite.seeds - 1}; every other "
         "option at the rule's default (`localcredit rules` lists them).",
         f"- {tuning}",
-        "- Speed and memory: measured after the runs by `python -m localcredit.probe`, one rule at a time in a fresh "
+        "- Speed and memory: measured after the runs by `python -m localcredit.bench.probe`, one rule at a time in a fresh "
         f"process on one thread, nothing else of the bench running{load}, on {datasets[0]}: *step time* = median wall "
         "time of a training step (after warm-up), as a ratio to BP on the same network. *Step memory* = the most "
         "memory of tensors made by training steps alive at one time during a step, whoever holds them "
         "(autograd, the rule's own lists, caches it keeps between steps), counted the same way for every rule "
-        "(`localcredit.memory`); weights, fixed feedback matrices, gradients, optimiser state and the data set "
+        "(`localcredit.bench.memory`); weights, fixed feedback matrices, gradients, optimiser state and the data set "
         "are left out (results.csv: `step_memory_mb`, `step_memory_ratio_to_bp`; a run's whole peak RSS, "
         "dominated by the data set and torch itself, is there too as `peak_rss_mb`). The runs' own epoch "
         "times (results.csv: `seconds_per_epoch`, `epoch_time_ratio_to_bp`) were taken while runs shared the "
@@ -266,7 +266,7 @@ def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall
         "",
         *summary_table(rows, chosen, datasets, lrs, suite.published),
         "",
-        "Published errors come from METHODS.md with their sources (`localcredit/published.py`); '-' where none "
+        "Published errors come from METHODS.md with their sources (`localcredit/bench/published.py`); '-' where none "
         "exists for that row. *published BP-free*: whether the published training kept the error from crossing "
         "blocks end to end." + (f" Recipe and comparability: {suite.source}." if suite.source else ""),
         *published_notes(suite.published),
@@ -417,7 +417,7 @@ def case_rows(folder: Path) -> list[dict]:
 
 def case_lines(case, rows: list[dict]) -> list[str]:
     """One line per row and data set of a case: our error beside the published one."""
-    from .bench_plan import suite_entries
+    from .plan import suite_entries
 
     lines = []
     for data in case.datasets:

@@ -1,6 +1,6 @@
 """Architectures: builders of blocks, and the network options (``NetSpec``) they read.
 
-``--arch`` picks a builder; every builder returns a :class:`~localcredit.nets.BlockNet`:
+``--arch`` picks a builder; every builder returns a :class:`~localcredit.nets.blocknet.BlockNet`:
 
 * ``mlp``: dense blocks (Linear [BN] activation [dropout]) of ``--hidden`` sizes (default 1000).
 * ``conv``: the small conv net of the first version: ``--channels 32,M,64,M`` without batch norm.
@@ -27,10 +27,10 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 from .layers import register_layer
-from .nets import BlockNet
-from .spec import check, one_of, option, positive
+from .blocknet import BlockNet
+from ..spec import check, one_of, option, positive
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from .data.continual import Task
-from .rules.base import Rule
-from .train import TrainConfig, Trainer, write_json
+from .scenarios import Task
+from ..rules.base import Rule
+from ..training.trainer import TrainConfig, Trainer, write_json
 
 
 def average_accuracy(matrix: Sequence[Sequence[float]]) -> float:

@@ -36,15 +36,15 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from .bench_plan import (REFERENCE, SUITES, Entry, Run, Suite, default_lr, entries, entry_network,  # noqa: F401
+from .plan import (REFERENCE, SUITES, Entry, Run, Suite, default_lr, entries, entry_network,  # noqa: F401
                          final_runs, get_suite, grid_value, initial_grid, is_finished, read_result, spec_of,
                          suite_entries, train_arguments, validate_suite)
-from .bench_report import write_cases_report, write_report
-from .errors import UserError
-from .experiment import RunSpec, build_rule
-from .runfiles import (BENCH_FILES, RUN_FILES, Interrupted, StopRequests, check_not_held, hold_run_folder,
+from .report import write_cases_report, write_report
+from ..errors import UserError
+from ..experiment import RunSpec, build_rule
+from ..training.runfiles import (BENCH_FILES, RUN_FILES, Interrupted, StopRequests, check_not_held, hold_run_folder,
                        load_checkpoint, read_json)
-from .spec import to_argv
+from ..spec import to_argv
 
 # ----- running ---------------------------------------------------------------------------------
 class Trainings:
@@ -190,8 +190,8 @@ ALIGNMENT = "alignment.json"
 
 def measure_alignment(run: Run, suite: Suite, out: Path, datasets: dict) -> dict:
     """Per-layer cosine with BP at initialisation and with the trained weights, on one fixed batch."""
-    from .align import alignment
-    from .train import CHECKPOINT, epoch_order
+    from ..rules.alignment import alignment
+    from ..training.trainer import CHECKPOINT, epoch_order
 
     folder = run.folder(out)
     path = folder / ALIGNMENT
@@ -219,15 +219,15 @@ PROBE_RECIPE = ("epochs", "limit_train", "eval_every", "augment", "lr_schedule",
 
 def probe_command(entry: Entry, data: str, suite: Suite, steps: int | None = None,
                   timed_steps: int | None = None) -> list[str]:
-    """``python -m localcredit.probe`` on an entry's network, rule options and optimiser (not the loop's recipe)."""
+    """``python -m localcredit.bench.probe`` on an entry's network, rule options and optimiser (not the loop's recipe)."""
     spec = spec_of(Run("final", entry, data, 0, default_lr(entry, suite)), suite)
     spec = replace(spec, **{name: getattr(RunSpec(rule="bp", data=data), name) for name in PROBE_RECIPE})
     counts = [*(["--steps", str(steps)] if steps else []), *(["--timed-steps", str(timed_steps)] if timed_steps else [])]
-    return [sys.executable, "-m", "localcredit.probe", *to_argv(spec), "--threads", "1", *counts]
+    return [sys.executable, "-m", "localcredit.bench.probe", *to_argv(spec), "--threads", "1", *counts]
 
 
 def probe(entry: Entry, data: str, suite: Suite, out: Path) -> dict:
-    """Step time and memory of an entry, measured alone in a fresh process (``localcredit.probe``), one thread."""
+    """Step time and memory of an entry, measured alone in a fresh process (``localcredit.bench.probe``), one thread."""
     path = probe_file(entry, out)
     if path.exists():
         return read_json(path, "probe file")
@@ -294,7 +294,7 @@ def claim_bench_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 def run_bench(options: BenchOptions) -> dict:
     """Plan, run (skipping finished runs), measure and report a suite; return a summary."""
-    from .data import load
+    from ..data import load
 
     check_options(options)
     if options.suite.cases:
@@ -379,7 +379,7 @@ def estimate(options: BenchOptions, steps: int = 3, timed_steps: int = 5) -> lis
     Counts training steps only (evaluation adds a few per cent) and the first tuning grid (a widened
     grid adds up to ``lr_extensions`` runs more); runs side by side (``--workers``) divide the wall time.
     """
-    from .data import load
+    from ..data import load
 
     check_options(options)
     cases = selected_cases(options) if options.suite.cases else [options.suite]

@@ -7,7 +7,7 @@ head is the last block; its output is the logits.
 
 The network owns its forward. Rules run it through :meth:`BlockNet.walk` (every block's output,
 optionally on detached inputs) or :meth:`BlockNet.block_forward` (one block), never by reaching into
-a block; rules that need per-layer math inside blocks get it from :mod:`localcredit.layers`.
+a block; rules that need per-layer math inside blocks get it from :mod:`localcredit.nets.layers`.
 
 Batch-norm statistics change only in training forwards of blocks that train: a frozen block runs
 in eval mode, shapes are found in eval mode without gradients, and measurements that are not
@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class BlockNet(nn.Module):

@@ -10,15 +10,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from . import rules
-from .architectures import VGG8B, NetSpec
-from .data.sources import VALIDATION_PREFIX
-from .errors import UserError
-from .experiment import RunSpec, validate
-from .rules.base import OptimConfig
+from .. import rules
+from ..nets.architectures import VGG8B, NetSpec
+from ..data.sources import VALIDATION_PREFIX
+from ..errors import UserError
+from ..experiment import RunSpec, validate
+from ..rules.base import OptimConfig
 from .published import BIOTORCH_LENET, LFNN_MNIST, LOCAL_LOSS_MLP, LOCAL_LOSS_VGG8B, Published
-from .spec import from_mapping, to_argv
-from .runfiles import RESULT, read_json
+from ..spec import from_mapping, to_argv
+from ..training.runfiles import RESULT, read_json
 
 #: The rule every other is compared with (ratios, the extra reference runs on special networks).
 REFERENCE = "bp"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .sources import Dataset
+from ..data.sources import Dataset
 
 SCENARIOS = ("permuted", "split-class", "split-task")
 CLASSES_PER_SPLIT = 2

@@ -1,6 +1,6 @@
 """Training on several processes with torch.distributed: data parallel, and a decoupled block pipeline.
 
-Two layouts, both behind the Trainer's :class:`~localcredit.train.Parallelism` seam:
+Two layouts, both behind the Trainer's :class:`~localcredit.training.trainer.Parallelism` seam:
 
 * :class:`DataParallel` (``--parallel data``, every rule). ``--batch-size`` stays the global batch:
   every process takes the same global slice of the epoch's order and keeps its share of it.
@@ -53,11 +53,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import rules
-from .errors import UserError
-from .rules.base import Rule, StepFigures
+from .. import rules
+from ..errors import UserError
+from ..rules.base import Rule, StepFigures
 from .runfiles import STOP_SIGNALS, Interrupted, keep_stop_signals, noted_stop_signal
-from .train import (AGREE_EVERY, Diverged, EpochProgress, Parallelism, Trainer, check_step_sizes, smallest_step,
+from .trainer import (AGREE_EVERY, Diverged, EpochProgress, Parallelism, Trainer, check_step_sizes, smallest_step,
                     step_sizes)
 
 DEFAULT_TIMEOUT_S = 120.0

@@ -10,7 +10,7 @@ that is streamed from disk.
 
 It knows no process layout either: a :class:`Parallelism` runs its epochs and steps and says
 whether this process is the one that evaluates and writes. The default is one process doing
-everything; ``localcredit.distributed`` provides data-parallel and block-pipeline ones.
+everything; ``localcredit.training.distributed`` provides data-parallel and block-pipeline ones.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ import torch
 from tqdm import tqdm
 
 from .augment import augment_batch, augment_seed, parse_augment
-from .data import Dataset
-from .data.streaming import StreamedDataset
-from .errors import UserError
-from .rules.base import Rule, StepFigures
+from ..data import Dataset
+from ..data.streaming import StreamedDataset
+from ..errors import UserError
+from ..rules.base import Rule, StepFigures
 from .runfiles import (CHECKPOINT, RESULT, Interrupted, StopRequests, hold_run_folder, load_checkpoint,
                        parse_checkpoint_every, read_json, remove_temporaries)
-from .spec import at_least, check, one_of, option, parse_ints, positive
+from ..spec import at_least, check, one_of, option, parse_ints, positive
 
 
 LR_SCHEDULES = ("none", "cosine", "step")
@@ -74,7 +74,7 @@ class TrainConfig(TrainSpec):
 
     eval_batch_size: int = 2000
     progress: bool = True
-    #: Mid-epoch checkpoints: steps ("500"), a time ("10m") or "off" (localcredit.runfiles).
+    #: Mid-epoch checkpoints: steps ("500"), a time ("10m") or "off" (localcredit.training.runfiles).
     checkpoint_every: str = "10m"
     #: The command that continues this run, for the line printed when a signal stops it.
     resume_hint: str = ""
@@ -425,7 +425,7 @@ class Trainer:
         ``on_start``: called in the writing process once the checkpoint has been read and checked,
         before anything is written (a damaged checkpoint must leave the folder untouched).
         The writing process holds out_dir (``OUT/.lock``) until it returns: another process that
-        would work there is refused (localcredit.runfiles.hold_run_folder).
+        would work there is refused (localcredit.training.runfiles.hold_run_folder).
         """
         hold = hold_run_folder(self.out_dir) if self.out_dir is not None and self.parallel.writer else None
         try:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 Kind = Literal["weight", "local", "container"]
 
@@ -270,7 +270,7 @@ def check_layer_math(layers: Sequence[nn.Module], rule: str, why: str) -> None:
             path, bad = found
             where = f"block {l}" + (f" ({path})" if path else "")
             raise UserError(f"rule {rule} {why}; {where} is a {type(bad).__name__}, a layer type with no "
-                            f"registered math (localcredit.layers.register_layer declares one)")
+                            f"registered math (localcredit.nets.layers.register_layer declares one)")
 
 
 # ----- what is registered --------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -188,7 +188,7 @@ def hold_run_folder(out: str | Path) -> RunLock:
     return RunLock(out).acquire()
 
 
-#: What :func:`atomic_write_bytes <localcredit.train.atomic_write_bytes>` names its temporary files.
+#: What :func:`atomic_write_bytes <localcredit.training.trainer.atomic_write_bytes>` names its temporary files.
 _TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}")
 
 

@@ -5,7 +5,7 @@ the caller allows: run alone on a quiet machine, it is a cleaner speed figure th
 runs that share the CPU. The probe prints the mean as well (``ms_per_step_mean``): a rule whose
 steps are not all alike (GAIT-prop refactorises every few steps) has its amortised cost there.
 
-Memory comes from :mod:`localcredit.memory`, which counts every tensor a step creates the same way
+Memory comes from :mod:`localcredit.bench.memory`, which counts every tensor a step creates the same way
 for every rule, whoever holds it (autograd, the rule's own lists, a cache):
 
 * ``step_memory_mb``: the most memory of tensors made by training steps alive at one time during
@@ -17,7 +17,7 @@ for every rule, whoever holds it (autograd, the rule's own lists, a cache):
   allocation before it, the allocator's cross-check (it includes the step's gradients).
 
 Whole-process peak RSS is not reported here: the data set and torch dominate it, so it hides the
-differences between rules. Run each probe in a fresh process (``python -m localcredit.probe ...``).
+differences between rules. Run each probe in a fresh process (``python -m localcredit.bench.probe ...``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from .memory import step_memory
-from .rules.base import Rule
+from ..rules.base import Rule
 
 
 def step_times_ms(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], warmup: int = 3) -> list[float]:
@@ -64,10 +64,10 @@ def step_time_ms(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m localcredit.probe --rule R --data D [network options of train] [--batch-size B]``: one JSON line."""
-    from . import spec as spec_options
-    from .experiment import RunSpec, build_rule, load_data
-    from .train import TrainSpec
+    """``python -m localcredit.bench.probe --rule R --data D [network options of train] [--batch-size B]``: one JSON line."""
+    from .. import spec as spec_options
+    from ..experiment import RunSpec, build_rule, load_data
+    from ..training.trainer import TrainSpec
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     # The run's options (rule, data, network, optimiser, seed, batch size); not the rest of the recipe.
