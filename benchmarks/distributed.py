@@ -239,7 +239,7 @@ class _StepsOnly:
 
 
 def _steps_rank(place, name: str, steps: int, out: str) -> None:
-    from localcredit.training.distributed import DataParallel
+    from localcredit.training.data_parallel import DataParallel
 
     rule, data = _ddp_rule(name)
     parallel = DataParallel(place, "gloo")

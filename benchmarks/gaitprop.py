@@ -27,16 +27,16 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from localcredit.rules.alignment import alignment
-from localcredit.nets.architectures import parse_hidden, parse_patches
 from localcredit.data import load
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.training.trainer import epoch_order
+from localcredit.nets.architectures import parse_hidden, parse_patches
+from localcredit.rules.alignment import alignment
+from localcredit.training.config import epoch_order
 
 VARIANTS = {  # name -> (rule, --set options)
     "bp": ("bp", []),
@@ -256,7 +256,8 @@ def stale_solves(args, data) -> None:
 
 
 def learn(args, data) -> None:
-    from localcredit.training.trainer import TrainConfig, Trainer
+    from localcredit.training.config import TrainConfig
+    from localcredit.training.trainer import Trainer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 
 from localcredit import rules
+from localcredit.bench.memory import step_memory
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.bench.memory import step_memory
 
 INVERTING = ("gaitprop", "itp", "tp")
 #: In what torch's sync debug mode says at a wait, as an error (mode "error") or a warning (mode "warn").

@@ -24,7 +24,7 @@ import torch
 
 import localcredit as lc
 from localcredit.experiment import RunSpec, fit, prepare
-from localcredit.training.trainer import epoch_order
+from localcredit.training.config import epoch_order
 
 #: name -> (rule, rule options, extra RunSpec fields); one factor changed from ``lfnn`` at a time
 VARIANTS: dict[str, tuple[str, list[str], dict]] = {

@@ -34,10 +34,11 @@ from pathlib import Path
 
 import torch
 
+from localcredit.bench.memory import step_memory
 from localcredit.data import load
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.bench.memory import step_memory
-from localcredit.training.trainer import TrainConfig, Trainer
+from localcredit.training.config import TrainConfig
+from localcredit.training.trainer import Trainer
 
 RULES = ["bp", "local-random", "local-learned", "lfnn-l", "lfnn"]
 HIDDEN = [1000, 1000, 1000, 1000]

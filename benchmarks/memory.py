@@ -8,11 +8,11 @@
 Every network and batch size is measured in its own process (``benchmarks/memory.py one NET B``),
 every rule there with a fresh rule and a meter of its own (the meter counts only what that rule's
 steps create, so rules measured one after the other in a process cannot disturb each other's figure):
-``--steps`` training steps on Fashion-MNIST, the largest step after the warm-up reported. The meter counts every tensor made by training steps that is alive at
-one time during a step, whoever holds it (autograd, a rule's own lists, a cache it keeps between
-steps), and leaves out weights, buffers (fixed feedback matrices), gradients, optimiser state and
-the data set; so the figures are activations, temporaries and carried state, counted alike for
-every rule. Memory figures do not depend on how busy the CPU is.
+``--steps`` training steps on Fashion-MNIST, the largest step after the warm-up reported. The meter
+counts every tensor made by training steps that is alive at one time during a step, whoever holds
+it (autograd, a rule's own lists, a cache it keeps between steps), and leaves out weights, buffers
+(fixed feedback matrices), gradients, optimiser state and the data set; so the figures are
+activations, temporaries and carried state, counted alike for every rule. Memory figures do not depend on how busy the CPU is.
 
 Networks (rules that invert their layers, gaitprop/tp/itp, train the invertible twin, and their
 ratios are taken against BP on that twin):
@@ -35,9 +35,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -99,8 +99,8 @@ def plan() -> list[tuple[str, int]]:
 # ----- one network (a child process) ------------------------------------------------------------
 def measure_one(rule: str, network: str, batch: int, steps: int, warmup: int, data) -> dict:
     """One rule's step memory on one network (``bp@twin``: BP on the invertible twin)."""
-    from localcredit.experiment import RunSpec, build_rule
     from localcredit.bench.memory import step_memory
+    from localcredit.experiment import RunSpec, build_rule
 
     net = networks()[network]
     name = rule.removesuffix("@twin")

@@ -21,7 +21,8 @@ import torch
 
 from localcredit.data import Dataset, load
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.training.trainer import TrainConfig, Trainer
+from localcredit.training.config import TrainConfig
+from localcredit.training.trainer import Trainer
 
 CANDIDATES: list[tuple[str, list[str]]] = [
     ("bp", []),

@@ -151,7 +151,8 @@ def soak(case: str, kills: int, root: Path, rng: random.Random) -> dict:
 def write_readme(out: Path, report: list[dict], invocation: str) -> None:
     lines = ["# Soak: runs killed at random moments and resumed", "",
              f"`{invocation}` (2-core CPU, other work on the machine; timings are not the point).", "",
-             "| case | command | stops | kill -9 | SIGTERM main | SIGTERM group | completed runs identical to the uninterrupted one |",
+             "| case | command | stops | kill -9 | SIGTERM main | SIGTERM group "
+             "| completed runs identical to the uninterrupted one |",
              "|---|---|---|---|---|---|---|"]
     for entry in report:
         hows = [e["how"] for e in entry["events"] if e["exit"] != 0]

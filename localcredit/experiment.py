@@ -20,15 +20,21 @@ from typing import Any, ClassVar
 import torch
 import yaml
 
-from . import rules, spec as options
-from .nets.architectures import NetSpec, parse_hidden
+from . import rules
+from . import spec as options
 from .data import Dataset, data_names, load
-from .data.streaming import IMAGEFOLDER_PREFIX, StreamedDataset, load_imagefolder, load_svhn
+from .data.base import IMAGEFOLDER_PREFIX
+from .data.imagefolder import load_imagefolder
+from .data.streaming import StreamedDataset
+from .data.svhn import load_svhn
 from .errors import UserError
+from .nets.architectures import NetSpec, parse_hidden
 from .rules.base import OptimConfig, Rule, parse_options
 from .spec import at_least, option
+from .training.checkpoint import atomic_write_bytes
+from .training.config import TrainConfig, TrainSpec
 from .training.runfiles import CONFIG, claim_out_dir
-from .training.trainer import Parallelism, TrainConfig, Trainer, TrainSpec, atomic_write_bytes
+from .training.trainer import Parallelism, Trainer
 
 __all__ = ["RunSpec", "parse_hidden", "validate", "build_rule", "prepare", "fit", "run_info", "default_out_dir",
            "spec_from", "write_config", "CONFIG"]

@@ -20,8 +20,9 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, field, fields
-from typing import Any, Callable
+from typing import Any
 
 from .errors import UserError, did_you_mean
 

@@ -9,10 +9,12 @@ suite runs seed 0) and over a *broken* rule (its update zeroed, or its sign flip
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from localcredit.rules.base import Rule
-from localcredit.training.trainer import Diverged, Trainer
+from localcredit.training.progress import Diverged
+from localcredit.training.trainer import Trainer
 
 Breakage = Literal["zero", "flip"]
 

@@ -16,7 +16,9 @@ import torch
 
 import localcredit as lc
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.training.trainer import TrainConfig, Trainer, read_figures
+from localcredit.training.config import TrainConfig
+from localcredit.training.progress import read_figures
+from localcredit.training.trainer import Trainer
 
 from .conftest import DEEP_NETWORKS, subset, user_conv_net
 from .learning import Breakage, break_rule, fit

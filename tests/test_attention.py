@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
-from localcredit.rules.alignment import alignment, bp_gradients
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
 from localcredit.nets.layers import LINEAR, swapped_input_gradients, weight_layers
+from localcredit.rules.alignment import alignment, bp_gradients
 from localcredit.rules.attention import BudgetConfig, attention_support
 from localcredit.rules.base import parse_options
-from localcredit.training.trainer import TrainConfig, Trainer
+from localcredit.training.config import TrainConfig
+from localcredit.training.trainer import Trainer
 
 from .conftest import DEEP_NETWORKS, subset
 from .rule_contract import RuleContract

@@ -10,15 +10,31 @@ from pathlib import Path
 import pytest
 
 from localcredit import rules
-from localcredit.nets.architectures import NetSpec
-from localcredit.errors import UserError
-from localcredit.nets.architectures import VGG8B
-from localcredit.bench.runner import (SUITES, BenchOptions, Entry, Run, Suite, default_lr, entries, final_runs, initial_grid,
-                               run_bench, spec_of, suite_entries, train_arguments, tune, tuning_runs, validate_suite,
-                               widen, with_seeds)
 from localcredit.bench.plan import FRAMING, PAPER
 from localcredit.bench.report import PLOTS
+from localcredit.bench.runner import (
+    SUITES,
+    BenchOptions,
+    Entry,
+    Run,
+    Suite,
+    default_lr,
+    entries,
+    final_runs,
+    initial_grid,
+    run_bench,
+    spec_of,
+    suite_entries,
+    train_arguments,
+    tune,
+    tuning_runs,
+    validate_suite,
+    widen,
+    with_seeds,
+)
 from localcredit.cli import main
+from localcredit.errors import UserError
+from localcredit.nets.architectures import VGG8B, NetSpec
 from localcredit.rules.backprop import Backprop
 from localcredit.rules.base import _REGISTRY, register
 

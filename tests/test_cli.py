@@ -264,9 +264,10 @@ def test_a_misspelled_config_key_gets_a_suggestion(capsys, tmp_path):
 
 
 def test_the_data_error_and_the_help_list_every_data_set_from_one_list(capsys):
+    from dataclasses import fields
+
     from localcredit.data import data_names
     from localcredit.experiment import RunSpec
-    from dataclasses import fields
 
     names = data_names()
     assert {"fashion-mnist", "mnist", "cifar10", "svhn", "npz:PATH", "imagefolder:PATH", "val:NAME"} == set(names)

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from localcredit.cli import main
-from localcredit.continual.runner import (average_accuracy, backward_transfer, forgetting, run_stream,
-                                   evaluate_task)
+from localcredit.continual.runner import average_accuracy, backward_transfer, evaluate_task, forgetting, run_stream
 from localcredit.continual.scenarios import make_stream
-from localcredit.data.sources import Dataset
+from localcredit.data.base import Dataset
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.training.trainer import Diverged, TrainConfig
+from localcredit.training.config import TrainConfig
+from localcredit.training.progress import Diverged
 
 from .conftest import fashion_data, subset
 from .learning import Breakage, break_rule, learning_case

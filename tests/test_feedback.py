@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from localcredit.rules.alignment import alignment, bp_gradients
 from localcredit.nets.layers import weight_layers
+from localcredit.rules.alignment import alignment, bp_gradients
 
 from .rule_contract import RuleContract
 

@@ -5,17 +5,28 @@ import math
 import pytest
 import torch
 
-from localcredit.rules.alignment import alignment
-from localcredit.nets.architectures import NetSpec
 from localcredit.data import Dataset
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.nets.invertible import (Factorisation, InvertibleBlock, InvertibleIdentity, InvertibleLeakyReLU,
-                                    SpaceToDepth, check_invertible, default_width, invertible, invertible_op,
-                                    orthogonal_linear, orthogonal_patch_conv)
+from localcredit.nets.architectures import NetSpec
 from localcredit.nets.blocknet import BlockNet
+from localcredit.nets.invertible import (
+    Factorisation,
+    InvertibleBlock,
+    InvertibleIdentity,
+    InvertibleLeakyReLU,
+    SpaceToDepth,
+    check_invertible,
+    default_width,
+    invertible,
+    invertible_op,
+    orthogonal_linear,
+    orthogonal_patch_conv,
+)
+from localcredit.rules.alignment import alignment
 from localcredit.rules.gaitprop import DEFAULT_ADAM_LR, DEFAULT_ADAM_LR_BY_ARCH
-from localcredit.training.trainer import TrainConfig, Trainer
+from localcredit.training.config import TrainConfig
+from localcredit.training.trainer import Trainer
 
 from .conftest import fashion_data
 from .learning import Breakage, break_rule, fit, learning_case

@@ -17,8 +17,17 @@ import torch
 
 from localcredit.cli import main
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.training.runfiles import LOCK, Interrupted, check_not_held, hold_run_folder, parse_checkpoint_every
-from localcredit.training.trainer import CHECKPOINT, RESULT, Parallelism, TrainConfig, Trainer
+from localcredit.training.config import TrainConfig
+from localcredit.training.runfiles import (
+    CHECKPOINT,
+    LOCK,
+    RESULT,
+    Interrupted,
+    check_not_held,
+    hold_run_folder,
+    parse_checkpoint_every,
+)
+from localcredit.training.trainer import Parallelism, Trainer
 
 from .conftest import subset
 
@@ -284,7 +293,7 @@ def test_sigterm_in_epoch_2_exits_143_and_resume_reaches_the_uninterrupted_accur
 
 KILL_WHILE_SAVING = """
 import os, signal, sys, torch
-import localcredit.training.trainer as train
+import localcredit.training.checkpoint as train
 real_save, calls = torch.save, []
 def save(obj, handle, *args, **kwargs):
     calls.append(1)

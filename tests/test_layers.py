@@ -7,8 +7,8 @@ from torch import nn
 
 import localcredit as lc
 from localcredit.errors import UserError
-from localcredit.nets.layers import check_layer_math, layer_kind, swapped_input_gradients, weight_layers, weight_op
 from localcredit.nets.blocknet import blocknet
+from localcredit.nets.layers import check_layer_math, layer_kind, swapped_input_gradients, weight_layers, weight_op
 
 WEIGHT_LAYERS = {
     "linear": (lambda: nn.Linear(12, 7), (5, 12)),

@@ -10,10 +10,17 @@ from torch import nn
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
 from localcredit.rules.base import parse_options
-from localcredit.rules.leader_follower import (GroupedWorkerHead, LeaderFollowerConfig, LeaderFollowerLocal,
-                                               leader_follower_loss, select_leaders, worker_losses)
+from localcredit.rules.leader_follower import (
+    GroupedWorkerHead,
+    LeaderFollowerConfig,
+    LeaderFollowerLocal,
+    leader_follower_loss,
+    select_leaders,
+    worker_losses,
+)
 from localcredit.rules.local_classifier import block_features
-from localcredit.training.trainer import TrainConfig, Trainer
+from localcredit.training.config import TrainConfig
+from localcredit.training.trainer import Trainer
 
 from .conftest import DEEP_NETWORKS, subset
 from .rule_contract import RuleContract

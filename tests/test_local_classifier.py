@@ -6,7 +6,8 @@ import torch
 from localcredit.errors import UserError
 from localcredit.rules.base import parse_options
 from localcredit.rules.local_classifier import LocalClassifierConfig, classification_loss, layerwise_active_layers
-from localcredit.training.trainer import TrainConfig, Trainer
+from localcredit.training.config import TrainConfig
+from localcredit.training.trainer import Trainer
 
 from .conftest import DEEP_NETWORKS, fashion_small_data
 from .learning import Breakage, break_rule, fit, learning_case

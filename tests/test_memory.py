@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import localcredit as lc
-from localcredit.experiment import RunSpec, build_rule
 from localcredit.bench.memory import MB, measure_steps, step_memory
+from localcredit.experiment import RunSpec, build_rule
 from localcredit.rules.base import Rule
 
 HELD = 2**18  # float32 elements: 1 MiB

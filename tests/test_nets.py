@@ -9,10 +9,10 @@ from torch import nn
 
 import localcredit as lc
 from localcredit import rules
-from localcredit.nets.architectures import NetSpec, ResidualUnit, build, parse_layer_string
-from localcredit.spec import to_argv
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
+from localcredit.nets.architectures import NetSpec, ResidualUnit, build, parse_layer_string
+from localcredit.spec import to_argv
 
 from .conftest import DEEP_NETWORKS, user_conv_net
 

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from localcredit.training.augment import Augment, augment_batch, parse_augment
 from localcredit.experiment import RunSpec, build_rule, train_config
-from localcredit.training.trainer import CHECKPOINT, Trainer
+from localcredit.training.augment import Augment, augment_batch, parse_augment
+from localcredit.training.runfiles import CHECKPOINT
+from localcredit.training.trainer import Trainer
 
 from .conftest import subset
 

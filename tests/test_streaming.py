@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from localcredit.data import DatasetInfo, stratified_split
-from localcredit.data import streaming
-from localcredit.data.streaming import (StreamedDataset, describe_imagefolder, describe_svhn, load_imagefolder,
-                                        load_svhn)
+from localcredit.data import DatasetInfo, imagefolder, stratified_split, svhn
+from localcredit.data.imagefolder import describe_imagefolder, load_imagefolder
+from localcredit.data.streaming import StreamedDataset
+from localcredit.data.svhn import describe_svhn, load_svhn
 from localcredit.errors import UserError
 
 scipy_io = pytest.importorskip("scipy.io")
@@ -160,9 +160,9 @@ def test_training_split_is_standardised_with_its_statistics(flat):
 
 
 def test_statistics_come_from_a_seeded_sample_of_training_images(flat, monkeypatch):
-    monkeypatch.setattr(streaming, "STATS_SAMPLE_SIZE", 5)
+    monkeypatch.setattr(imagefolder, "STATS_SAMPLE_SIZE", 5)
     data = load_imagefolder(flat, None)
-    chosen = np.random.default_rng(streaming.STATS_SEED).choice(30, size=5, replace=False)
+    chosen = np.random.default_rng(imagefolder.STATS_SEED).choice(30, size=5, replace=False)
     sample = np.stack([expected_pixels(data.train.paths[i], 3) for i in chosen])
     np.testing.assert_allclose(data.train.mean.numpy(), sample.mean(axis=(0, 2, 3)), atol=1e-6)
     np.testing.assert_allclose(data.train.std.numpy(), sample.std(axis=(0, 2, 3)), atol=1e-6)
@@ -438,7 +438,7 @@ def test_svhn_loader_batches(svhn_folder, workers):
 def test_svhn_loader_fetches_whole_batches_through_getitems(svhn_folder, monkeypatch):
     data = load_svhn(svhn_folder[0])
     calls = []
-    original = streaming.SVHNSplit.__getitems__
+    original = svhn.SVHNSplit.__getitems__
 
     def spy(self, indices):
         calls.append(list(indices))
@@ -447,8 +447,8 @@ def test_svhn_loader_fetches_whole_batches_through_getitems(svhn_folder, monkeyp
     def no_single_items(self, index):
         raise AssertionError("the DataLoader should not fetch sample by sample")
 
-    monkeypatch.setattr(streaming.SVHNSplit, "__getitems__", spy)
-    monkeypatch.setattr(streaming.SVHNSplit, "__getitem__", no_single_items)
+    monkeypatch.setattr(svhn.SVHNSplit, "__getitems__", spy)
+    monkeypatch.setattr(svhn.SVHNSplit, "__getitem__", no_single_items)
     got = list(data.loader("train", [[4, 2, 0], [1]], workers=0))
     assert calls == [[4, 2, 0], [1]]
     assert [tuple(x.shape) for x, _ in got] == [(3, 3, 32, 32), (1, 3, 32, 32)]

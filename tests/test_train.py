@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from localcredit.experiment import RunSpec, build_rule
-from localcredit.training.trainer import CHECKPOINT, RESULT, Diverged, Parallelism, TrainConfig, Trainer, read_figures
+from localcredit.training.config import TrainConfig
+from localcredit.training.progress import Diverged, read_figures
+from localcredit.training.runfiles import CHECKPOINT, RESULT
+from localcredit.training.trainer import Parallelism, Trainer
 
 from .conftest import subset
 

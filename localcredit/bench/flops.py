@@ -7,7 +7,7 @@ A training step of BP costs about three forwards (forward, input gradients, weig
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -33,8 +33,9 @@ from __future__ import annotations
 import gc
 import itertools
 import weakref
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -6,19 +6,20 @@ needs the other to know what a run is.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .. import rules
-from ..nets.architectures import VGG8B, NetSpec
-from ..data.sources import VALIDATION_PREFIX
+from ..data.base import VALIDATION_PREFIX
 from ..errors import UserError
 from ..experiment import RunSpec, validate
+from ..nets.architectures import VGG8B, NetSpec
 from ..rules.base import OptimConfig
-from .published import BIOTORCH_LENET, LFNN_MNIST, LOCAL_LOSS_MLP, LOCAL_LOSS_VGG8B, Published
 from ..spec import from_mapping, to_argv
 from ..training.runfiles import RESULT, read_json
+from .published import BIOTORCH_LENET, LFNN_MNIST, LOCAL_LOSS_MLP, LOCAL_LOSS_VGG8B, Published
 
 #: The rule every other is compared with (ratios, the extra reference runs on special networks).
 REFERENCE = "bp"
@@ -67,7 +68,7 @@ class Suite:
     published: Mapping[tuple[str, str], Published] = field(default_factory=dict)
     #: where the recipe comes from, and what in it was not published (shown in RESULTS.md)
     source: str = ""
-    cases: tuple["Suite", ...] = ()
+    cases: tuple[Suite, ...] = ()
 
     @property
     def arch(self) -> str:
@@ -77,7 +78,7 @@ class Suite:
     def hidden(self) -> tuple[int, ...]:
         return tuple(self.network.hidden or ())
 
-    def case(self, name: str) -> "Suite":
+    def case(self, name: str) -> Suite:
         for case in self.cases:
             if case.name == name:
                 return case
@@ -205,7 +206,8 @@ PAPER = Suite("paper", "the published recipes, exactly as written, where a publi
 
 SUITES: dict[str, Suite] = {
     "smoke": Suite("smoke", "installation check: 2,000 Fashion-MNIST images, one small epoch per rule",
-                   datasets=("fashion-mnist",), network=NetSpec(hidden=[64, 64]), epochs=1, seeds=1, limit_train=2000, published=FRAMING),
+                   datasets=("fashion-mnist",), network=NetSpec(hidden=[64, 64]), epochs=1, seeds=1, limit_train=2000,
+                   published=FRAMING),
     "quick": Suite("quick", "every rule on Fashion-MNIST, 30,000 training images and the full test set, 3 epochs, "
                             "2 seeds, default learning rates (2 min 12 s on 2 CPU cores here)",
                    datasets=("fashion-mnist",), network=NetSpec(hidden=[256, 256]), epochs=3, seeds=2,

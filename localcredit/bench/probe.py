@@ -28,12 +28,12 @@ import json
 import os
 import statistics
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .memory import step_memory
 from ..rules.base import Rule
+from .memory import step_memory
 
 
 def step_times_ms(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], warmup: int = 3) -> list[float]:
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m localcredit.bench.probe --rule R --data D [network options of train] [--batch-size B]``: one JSON line."""
     from .. import spec as spec_options
     from ..experiment import RunSpec, build_rule, load_data
-    from ..training.trainer import TrainSpec
+    from ..training.config import TrainSpec
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     # The run's options (rule, data, network, optimiser, seed, batch size); not the rest of the recipe.

@@ -11,10 +11,10 @@ import datetime
 import os
 import platform
 import statistics
-from dataclasses import replace
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -22,8 +22,8 @@ matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .plan import REFERENCE, Entry, Run, read_result, spec_of  # noqa: E402
 from ..spec import to_argv  # noqa: E402
+from .plan import REFERENCE, Entry, Run, read_result, spec_of  # noqa: E402
 
 PLOTS = ("learning_curves.png", "accuracy.png", "alignment.png", "cost.png")
 

@@ -29,22 +29,48 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from .plan import (REFERENCE, SUITES, Entry, Run, Suite, default_lr, entries, entry_network,  # noqa: F401
-                         final_runs, get_suite, grid_value, initial_grid, is_finished, read_result, spec_of,
-                         suite_entries, train_arguments, validate_suite)
-from .report import write_cases_report, write_report
 from ..errors import UserError
 from ..experiment import RunSpec, build_rule
-from ..training.runfiles import (BENCH_FILES, RUN_FILES, Interrupted, StopRequests, check_not_held, hold_run_folder,
-                       load_checkpoint, read_json)
 from ..spec import to_argv
+from ..training.runfiles import (
+    BENCH_FILES,
+    RUN_FILES,
+    Interrupted,
+    StopRequests,
+    check_not_held,
+    hold_run_folder,
+    load_checkpoint,
+    read_json,
+)
+from .plan import (  # noqa: F401
+    REFERENCE,
+    SUITES,
+    Entry,
+    Run,
+    Suite,
+    default_lr,
+    entries,
+    entry_network,
+    final_runs,
+    get_suite,
+    grid_value,
+    initial_grid,
+    is_finished,
+    read_result,
+    spec_of,
+    suite_entries,
+    train_arguments,
+    validate_suite,
+)
+from .report import write_cases_report, write_report
+
 
 # ----- running ---------------------------------------------------------------------------------
 class Trainings:
@@ -191,7 +217,8 @@ ALIGNMENT = "alignment.json"
 def measure_alignment(run: Run, suite: Suite, out: Path, datasets: dict) -> dict:
     """Per-layer cosine with BP at initialisation and with the trained weights, on one fixed batch."""
     from ..rules.alignment import alignment
-    from ..training.trainer import CHECKPOINT, epoch_order
+    from ..training.config import epoch_order
+    from ..training.runfiles import CHECKPOINT
 
     folder = run.folder(out)
     path = folder / ALIGNMENT

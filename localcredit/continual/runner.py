@@ -12,15 +12,18 @@ with R[t][i] the test accuracy on task i after training task t (0-based, T tasks
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from .scenarios import Task
 from ..rules.base import Rule
-from ..training.trainer import TrainConfig, Trainer, write_json
+from ..training.checkpoint import write_json
+from ..training.config import TrainConfig
+from ..training.trainer import Trainer
+from .scenarios import Task
 
 
 def average_accuracy(matrix: Sequence[Sequence[float]]) -> float:

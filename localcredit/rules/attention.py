@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .alignment import alignment
 from ..nets.layers import check_layer_math, swapped_input_gradients, weight_layers
+from .alignment import alignment
 from .base import Rule, StepFigures, option, register
 
 #: the share of a next-layer unit's attention whose support is reported by ``statistics()``

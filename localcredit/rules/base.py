@@ -11,7 +11,7 @@ it). Everything else is shared:
   pass), so that data parallel averages them while the rest of the step is still computed;
 * local rules (``local = True``) also expose one layer's share of a step,
   :meth:`Rule.block_step_loss`, so that a block pipeline can run their layers on different
-  processes (``localcredit.training.distributed``);
+  processes (``localcredit.training.block_parallel``);
 * :meth:`Rule.update_directions` = the same directions, collected per block, for ``align``;
 * optimisers are real ``torch.optim`` ones, one per parameter group the rule declares
   (local rules declare one group per block).
@@ -25,22 +25,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import typing
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nets.architectures import NetSpec, build as build_net
 from ..errors import UserError, did_you_mean
+from ..nets.architectures import NetSpec
+from ..nets.architectures import build as build_net
 from ..nets.blocknet import BlockNet
-from ..spec import at_least, check as check_options, one_of, option as spec_option, positive
+from ..spec import at_least, one_of, positive
+from ..spec import check as check_options
+from ..spec import option as spec_option
 
-_REGISTRY: dict[str, type["Rule"]] = {}
+_REGISTRY: dict[str, type[Rule]] = {}
 
 
-def register(name: str) -> Callable[[type["Rule"]], type["Rule"]]:
+def register(name: str) -> Callable[[type[Rule]], type[Rule]]:
     """Class decorator: make a rule available as ``localcredit.rules.get(name)``."""
 
     def decorate(cls: type[Rule]) -> type[Rule]:
@@ -53,7 +57,7 @@ def register(name: str) -> Callable[[type["Rule"]], type["Rule"]]:
     return decorate
 
 
-def get(name: str) -> type["Rule"]:
+def get(name: str) -> type[Rule]:
     if name not in _REGISTRY:
         raise UserError(f"unknown rule {name!r}{did_you_mean(name, _REGISTRY)}; "
                         f"available: {', '.join(sorted(_REGISTRY))}")
@@ -66,7 +70,7 @@ def available() -> dict[str, str]:
 
 
 def make_rule(name: str, net: BlockNet, *, optimizer: str = "adam", lr: float | None = None,
-              momentum: float = 0.9, weight_decay: float = 0.0, **options: Any) -> "Rule":
+              momentum: float = 0.9, weight_decay: float = 0.0, **options: Any) -> Rule:
     """The rule ``name`` training ``net``; ``options`` are the rule's own (``localcredit rules``), checked.
 
     The rule's fixed random matrices and auxiliary heads are drawn from torch's global generator:
@@ -200,7 +204,7 @@ def _type_name(kind: Any) -> str:
 #: A step's logged figures by name ("loss" among them): floats, or 0-dim tensors that may still be
 #: computing on the device. Reading a tensor (``.item()``) makes the host wait for the device, so a
 #: rule returns ``loss.detach()`` and the caller decides when to read (the Trainer: every few steps
-#: on CUDA, ``localcredit.training.trainer.read_figures``).
+#: on CUDA, ``localcredit.training.progress.read_figures``).
 StepFigures = dict[str, float | torch.Tensor]
 
 #: ``hook(rule, stats)`` runs after assign_credit, before the optimisers step. It may rewrite the

@@ -6,8 +6,8 @@ own auxiliary network on the module's output, its input detached, so no error cr
 boundary and every module can learn at once (``--parallel blocks`` puts whole modules on processes).
 The auxiliary network is the paper's "mlp-sr": on a conv output, ``convs`` 1x1 convolutions with
 batch norm and ReLU (as many channels as the block, by default), an average to 2x2, then an MLP of
-``mlp`` layers ending in the class scores; on a dense output, the MLP alone. The head learns from its own cross-entropy on the detached output of
-the last block, and alone makes the predictions.
+``mlp`` layers ending in the class scores; on a dense output, the MLP alone. The head learns from its
+own cross-entropy on the detached output of the last block, and alone makes the predictions.
 """
 
 from __future__ import annotations

@@ -24,15 +24,16 @@ averaged over the batch so that for orthogonal W it is BP's gradient of the mean
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from ..errors import UserError
-from ..nets.invertible import Factorisation, InvertibleBlock, Trace, check_invertible
 from ..nets.blocknet import BlockNet
+from ..nets.invertible import Factorisation, InvertibleBlock, Trace, check_invertible
 from .base import Rule, StepFigures, option, register
 
 #: Adam learning rate when --lr is not given: the orthogonality regulariser needs slow steps

@@ -22,9 +22,10 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F

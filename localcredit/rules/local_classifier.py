@@ -15,8 +15,9 @@ their own outputs, turning a block's output into a vector, and one optimiser gro
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F

@@ -112,7 +112,8 @@ class BlockDecoders(nn.Module):
 
 @register("predsim")
 class PredSim(LocalLossRule):
-    """predsim (Nøkland & Eidnes 2019): each block predicts the label and matches the batch's label similarity; no error crosses blocks."""
+    """predsim (Nøkland & Eidnes 2019): each block predicts the label and matches the batch's label similarity;
+    no error crosses blocks."""
 
     Config = PredSimConfig
 

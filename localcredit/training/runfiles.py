@@ -27,9 +27,10 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -126,7 +127,7 @@ class RunLock:
         self.fd: int | None = None
         self.created: list[Path] = []  # deepest first
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         folder = self.out.absolute()
         while not folder.exists():
             self.created.append(folder)
@@ -175,7 +176,7 @@ class RunLock:
                 break
         self.created = []
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -188,7 +189,7 @@ def hold_run_folder(out: str | Path) -> RunLock:
     return RunLock(out).acquire()
 
 
-#: What :func:`atomic_write_bytes <localcredit.training.trainer.atomic_write_bytes>` names its temporary files.
+#: What :func:`atomic_write_bytes <localcredit.training.checkpoint.atomic_write_bytes>` names its temporary files.
 _TEMPORARY = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}")
 
 
@@ -280,7 +281,7 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name}: {what}; {hint}")
 
     @classmethod
-    def at_step(cls, signum: int, epoch: int, step: int, resume_hint: str = "") -> "Interrupted":
+    def at_step(cls, signum: int, epoch: int, step: int, resume_hint: str = "") -> Interrupted:
         return cls(signum, f"checkpoint written at epoch {epoch}, step {step}", resume_hint, epoch, step)
 
     @property
@@ -398,7 +399,7 @@ class StopRequests:
         self.on_signal = on_signal  # e.g. pass the signal on to child processes
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopRequests":
+    def __enter__(self) -> StopRequests:
         self.signum = self.signum or _NOTED_SIGNAL
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
