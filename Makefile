@@ -26,6 +26,7 @@ demo: data
 	$(BIN)/localcredit align --run runs/demo/fa
 
 test: data
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 clean:
