@@ -110,9 +110,10 @@ class Trainer(CheckpointMixin):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.run_info = dict(run_info or {})
         self.source = batch_source(data, config.limit_train, self.device)
-        check_step_sizes(self.source.train_size, config.batch_size, smallest_step(rule))
+        smallest = smallest_step(rule)
+        check_step_sizes(self.source.train_size, config.batch_size, smallest)
         #: Samples per step of every epoch (with batch norm, a last step of 1 sample joins the one before).
-        self.step_sizes = step_sizes(self.source.train_size, config.batch_size, smallest_step(rule))
+        self.step_sizes = step_sizes(self.source.train_size, config.batch_size, smallest)
         self.augment = parse_augment(config.augment)
         if self.augment.active and len(data.input_shape) != 3:
             raise UserError(f"--augment needs image data (C, H, W); this data set has per-sample shape "
