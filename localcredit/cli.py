@@ -274,6 +274,13 @@ def cmd_continual(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .bench.curves import plot_runs
+
+    print(f"{len(args.runs)} run(s) -> {plot_runs(args.runs, args.out)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import BenchOptions, estimate, get_suite, run_bench, with_seeds
 
@@ -384,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / workers)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plot", help="test accuracy and training loss per epoch of runs, one line each, in one image")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run folders (each holds a result.json)")
+    p.add_argument("--out", default="curves.png", help="the image to write: .png, .pdf, .svg, ... (default %(default)s)")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

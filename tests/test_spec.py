@@ -20,7 +20,8 @@ EVERY_OPTION = RunSpec(
     arch="vgg", hidden=[32, 16], activation="tanh", channels="8,M,16,M", width=0.5, depth=14, norm="none",
     patches=[2, 1],
     dropout=0.25, epochs=7, batch_size=64, seed=3, limit_train=500, eval_every=2, augment="crop:2,flip",
-    lr_schedule="step", milestones=[2, 5], lr_decay=0.5, optimizer="sgd", lr=0.02, momentum=0.8, weight_decay=1e-4)
+    lr_schedule="step", milestones=[2, 5], lr_decay=0.5, log="csv", optimizer="sgd", lr=0.02, momentum=0.8,
+    weight_decay=1e-4)
 
 
 def test_every_option_differs_from_its_default_in_the_reference_run():

@@ -159,8 +159,9 @@ def _run_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     """What differs between a checkpoint's fingerprint and this run's, one ``--flag: X in the checkpoint,
     Y now`` per option (None: a fingerprint of another shape, not this run's).
 
-    --epochs may grow on resume (train a finished run further; see _total_epochs_schedule); nothing
-    else may change. The network's description counts only when no option explains the difference.
+    --epochs may grow on resume (train a finished run further; see _total_epochs_schedule), and how the
+    loop reports (LOOP_ONLY: --log) may change; nothing else may. The network's description counts only
+    when no option explains the difference.
     """
     try:
         pairs = [(saved[part], current[part]) for part in ("train", "run")]
@@ -171,7 +172,7 @@ def _run_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     found: dict[str, str] = {}
     for old, new in pairs:
         for key in sorted(set(old) | set(new)):
-            if key == "epochs" or old.get(key) == new.get(key):
+            if key == "epochs" or key in LOOP_ONLY or old.get(key) == new.get(key):
                 continue
             if key == "options" and isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
                 for option in sorted(set(old[key]) | set(new[key])):

@@ -13,6 +13,7 @@ from ..errors import UserError
 from ..rules.base import Rule
 from ..spec import at_least, check, one_of, option, parse_ints, positive
 from .augment import parse_augment
+from .loggers import logger_problem
 from .runfiles import parse_checkpoint_every
 
 LR_SCHEDULES = ("none", "cosine", "step")
@@ -41,6 +42,8 @@ class TrainSpec:
                                    check=lambda m: None if all(e >= 1 for e in m) and m == sorted(set(m))
                                    else f"must be increasing positive epochs, got {m}")
     lr_decay: float = option(0.1, "factor of the step schedule", parse=float, check=positive)
+    log: str = option("none", "the figures of every step and epoch while it trains: none | csv (OUT/logs/*.csv) | "
+                              "tensorboard (OUT/logs/; pip install 'localcredit[log]')", check=logger_problem)
 
 
 @dataclass(kw_only=True)
@@ -73,7 +76,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
 
 
 #: TrainConfig fields that change how the loop reports or saves, never the numbers: not part of a run's identity.
-LOOP_ONLY = ("progress", "eval_batch_size", "checkpoint_every", "resume_hint")
+LOOP_ONLY = ("progress", "eval_batch_size", "checkpoint_every", "resume_hint", "log")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ from .augment import augment_batch, augment_seed, parse_augment
 from .batches import batch_source
 from .checkpoint import CheckpointMixin, write_json
 from .config import TrainConfig, check_step_sizes, epoch_order, make_scheduler, smallest_step, step_sizes
+from .loggers import LoggedFigures, RunLogger, make_logger, numeric_leaves
 from .progress import Diverged, EpochFigures, EpochProgress, steps_per_read
 from .runfiles import (
     RESULT,
@@ -108,6 +109,8 @@ class Trainer(CheckpointMixin):
         self.config = config
         self.device = torch.device(device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        if config.log != "none" and self.out_dir is None:
+            raise UserError(f"--log {config.log} writes into the run folder's logs/: train with an output folder")
         self.run_info = dict(run_info or {})
         self.source = batch_source(data, config.limit_train, self.device)
         smallest = smallest_step(rule)
@@ -127,6 +130,7 @@ class Trainer(CheckpointMixin):
         self.stop = StopRequests()  # inert until fit() enters it
         self.last_checkpoint = time.monotonic()
         self.sync_every = steps_per_read(self.device)  # steps between reads of the logged figures
+        self.logger = RunLogger()  # --log: fit() makes the run's, in the writing process
 
     @property
     def x_train(self) -> torch.Tensor:
@@ -150,6 +154,7 @@ class Trainer(CheckpointMixin):
         try:
             return self._fit(resume, on_start)
         finally:
+            self.logger.close()
             if hold is not None:
                 hold.release()
 
@@ -164,6 +169,9 @@ class Trainer(CheckpointMixin):
         finished = self._finished_result() if saved is not None else None
         if finished is not None:
             return finished
+        if self.out_dir is not None and self.parallel.writer:  # a resumed run logs on from its checkpoint's step
+            done = self.epochs_done * self.steps_per_epoch + (resumed.steps_done if resumed is not None else 0)
+            self.logger = make_logger(self.config.log, self.out_dir, done if saved is not None else None)
         self.parallel.attach(self)
         with StopRequests() as self.stop:
             self.last_checkpoint = time.monotonic()
@@ -209,6 +217,8 @@ class Trainer(CheckpointMixin):
         if self.parallel.writer:
             self.history["test_accuracy"].append(self.evaluate() if self.evaluates(epoch) else None)
         self.epochs_done = epoch + 1
+        if self.logger.active:
+            self.log_epoch(epoch)
         self._save_checkpoint(None)
         _, signum = self.parallel.settle((0, self.stop.signum))
         if signum and self.epochs_done < self.config.epochs:
@@ -277,7 +287,8 @@ class Trainer(CheckpointMixin):
     def train_epoch(self, progress: EpochProgress) -> None:
         epoch, steps = progress.epoch, self.steps_per_epoch
         bar = self.progress_bar(epoch, steps, progress.steps_done)
-        figures = EpochFigures(epoch, progress.totals, self.sync_every, bar)
+        figures = (LoggedFigures(epoch, progress.totals, self.sync_every, bar, self.log_steps(epoch))
+                   if self.logger.active else EpochFigures(epoch, progress.totals, self.sync_every, bar))
         start = time.perf_counter()
         for step, (x, y) in zip(range(progress.steps_done, steps), self.training_batches(epoch, progress.steps_done)):
             figures.add(step, self.parallel.step(self, x, y))
@@ -294,6 +305,27 @@ class Trainer(CheckpointMixin):
     @property
     def steps_per_epoch(self) -> int:
         return len(self.step_sizes)
+
+    def log_steps(self, epoch: int) -> Callable[[list[int], list[dict[str, float]], float], None]:
+        """What hands ``epoch``'s steps to the logger once their figures are read: each step's figures, the
+        learning rates, and the samples per second since the previous read (one value for all its steps)."""
+        def log(steps: list[int], figures: list[dict[str, float]], seconds: float) -> None:
+            rates = self.learning_rates()
+            common: dict[str, float | None] = ({"lr": rates[0]} if len(rates) == 1
+                                               else {f"lr_{i}": rate for i, rate in enumerate(rates)})
+            common["samples_per_second"] = sum(self.step_sizes[s] for s in steps) / seconds if seconds > 0 else None
+            for step, values in zip(steps, figures):
+                self.logger.step_scalars(epoch * self.steps_per_epoch + step + 1, {**values, **common})
+        return log
+
+    def log_epoch(self, epoch: int) -> None:
+        """The epoch's test accuracy, mean training figures, seconds and the rule's statistics, to the
+        logger; before the checkpoint that holds them (a resumed run drops what came after that)."""
+        last = {key: values[-1] for key, values in self.history.items() if values and key != "learning_rate"}
+        values = {"test_accuracy": last.get("test_accuracy"), "seconds": last.get("seconds_per_epoch"),
+                  **{key: value for key, value in last.items() if key.startswith("train_")},
+                  **numeric_leaves(self.rule.statistics(), "rule")}
+        self.logger.epoch_scalars(epoch + 1, values, step=(epoch + 1) * self.steps_per_epoch)
 
     def record_epoch(self, epoch: int, seconds: float, mean_stats: dict[str, float]) -> None:
         """Check the weights, then log an epoch's duration and its per-step mean of every logged figure."""
