@@ -4,6 +4,7 @@ The Python API (docs/python.md)::
 
     import localcredit as lc
     net = lc.blocknet(my_sequential, input_shape=(1, 28, 28), num_classes=10)
+    net = lc.blocknet(my_resnet, input_shape=(3, 32, 32), num_classes=10, cut_at=["layer1", "layer2"])  # any traceable model
     rule = lc.make_rule("local-learned", net, lr=1e-3, loss="ce")
     stats = rule.step(x, y)          # one training step: its figures ("loss" among them), 0-dim tensors or floats
     predictions = rule.predict(x)

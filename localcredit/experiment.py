@@ -13,7 +13,7 @@ lines, and the identity a checkpoint must match to be resumed. From Python::
 from __future__ import annotations
 
 import re
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -77,7 +77,7 @@ def train_config(spec: RunSpec, progress: bool = True, **loop: Any) -> TrainConf
     return TrainConfig(**{f.name: getattr(spec, f.name) for f in fields(TrainSpec)}, progress=progress, **loop)
 
 
-def build_rule(spec: RunSpec, data: Dataset) -> Rule:
+def build_rule(spec: RunSpec, data: Dataset | StreamedDataset) -> Rule:
     """Seed, then build the network and the rule for ``data`` (weights and fixed matrices depend on the seed)."""
     config = validate(spec)
     rule_cls = rules.get(spec.rule)
@@ -125,8 +125,9 @@ def default_out_dir(spec: RunSpec) -> str:
 
 
 # ----- config files -----------------------------------------------------------------------------
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The option values of a YAML config file, checked key by key (one-line errors naming the key)."""
+def read_config(path: str | Path, spec_cls: type | None = None) -> dict[str, Any]:
+    """The option values of a YAML config file for ``spec_cls`` (default RunSpec), checked key by key
+    (one-line errors naming the key)."""
     path = Path(path)
     try:
         mapping = yaml.safe_load(path.read_text())
@@ -136,7 +137,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise UserError(f"{path} is not valid YAML{where}") from None
-    return options.from_mapping(RunSpec, mapping if mapping is not None else {}, str(path))
+    return options.from_mapping(spec_cls or RunSpec, mapping if mapping is not None else {}, str(path))
 
 
 def spec_from(config: str | Path | None, given: dict[str, Any]) -> RunSpec:
@@ -151,11 +152,13 @@ def spec_from(config: str | Path | None, given: dict[str, Any]) -> RunSpec:
     return spec
 
 
-def write_config(spec: RunSpec, out_dir: Path) -> None:
-    """OUT/config.yaml: every option of the run; ``localcredit train --config`` it to repeat the run."""
-    header = (f"# localcredit run: `localcredit train --config {out_dir / CONFIG} --out NEW` repeats it "
+def write_config(spec: RunSpec, out_dir: Path, command: str = "train", leave_out: tuple[str, ...] = ()) -> None:
+    """OUT/config.yaml: every option of the run (but ``leave_out``); ``localcredit COMMAND --config`` it to
+    repeat the run."""
+    header = (f"# localcredit run: `localcredit {command} --config {out_dir / CONFIG} --out NEW` repeats it "
               f"(same seed, same numbers)\n")
-    text = header + yaml.safe_dump(options.to_mapping(spec, first=LEADING), sort_keys=False)
+    mapping = {k: v for k, v in options.to_mapping(spec, first=LEADING).items() if k not in leave_out}
+    text = header + yaml.safe_dump(mapping, sort_keys=False)
     atomic_write_bytes(out_dir / CONFIG, lambda handle: handle.write(text.encode()))
 
 
@@ -171,15 +174,25 @@ def resolve_device(name: str) -> str:
 
 
 def fit(spec: RunSpec, out: str | Path | None = None, resume: bool = False, device: str = "auto",
-        progress: bool = True, command: str | None = None, prepared: tuple[Dataset, Rule] | None = None,
+        progress: bool = True, command: str | None = None,
+        prepared: tuple[Dataset | StreamedDataset, Rule] | None = None,
         parallel: Parallelism | None = None, overwrite: bool = False, checkpoint_every: str = "10m",
-        resume_hint: str = "") -> dict[str, Any]:
+        resume_hint: str = "", rule: Rule | None = None,
+        data: Dataset | StreamedDataset | None = None) -> dict[str, Any]:
     """Train the run ``spec`` describes; with ``out``, write config.yaml, result.json and checkpoints there.
 
+    ``rule`` (``lc.make_rule(...)``, on your own network) is trained instead of the one ``spec``
+    would build, with ``spec``'s recipe (epochs, batch size, seed of the data order, ...), on ``data``
+    (default: ``spec.data`` loaded); ``spec.rule`` must be its name. config.yaml then records the
+    rule's own options and optimiser and ``arch: custom``.
     An ``out`` that holds a run is refused unless ``resume`` (continue it) or ``overwrite`` (replace
     it). Returns the result dict (what result.json holds); a signal raises
     :class:`~localcredit.training.runfiles.Interrupted` after the checkpoint is written.
     """
+    if rule is not None:
+        spec, prepared = own_rule(spec, rule, data)
+    elif data is not None:
+        raise UserError("fit: data= goes with rule= (your own rule); without it, spec.data names the data")
     data, rule = prepared if prepared is not None else prepare(spec)
     info = {**run_info(spec, rule), "command": command or "localcredit.fit"}
     parallel = parallel if parallel is not None else Parallelism()
@@ -188,3 +201,19 @@ def fit(spec: RunSpec, out: str | Path | None = None, resume: bool = False, devi
     if out is not None and parallel.writer:  # other processes: the launcher checked before they started
         claim_out_dir(out, resume, overwrite)
     return trainer.fit(resume=resume, on_start=lambda: write_config(spec, Path(out)) if out is not None else None)
+
+
+def own_rule(spec: RunSpec, rule: Rule,
+             data: Dataset | StreamedDataset | None) -> tuple[RunSpec, tuple[Dataset | StreamedDataset, Rule]]:
+    """The run of a rule built from Python (``lc.make_rule``): ``spec`` with the rule's own options,
+    optimiser and network, and the data (``spec.data`` loaded when not given)."""
+    if not isinstance(rule, Rule):
+        raise UserError(f"fit: rule= takes a rule (localcredit.make_rule(...)), got {type(rule).__name__}")
+    if spec.rule != rule.name:
+        raise UserError(f"fit: spec.rule is {spec.rule!r} but the rule given is {rule.name!r}")
+    if data is not None and data.name != spec.data:
+        raise UserError(f"fit: spec.data is {spec.data!r} but the data given is {data.name!r}")
+    spec = replace(spec, arch=rule.net.arch, options=[f"{k}={v}" for k, v in asdict(rule.config).items()],
+                   **asdict(rule.optim))
+    validate(spec)
+    return spec, (data if data is not None else load_data(spec), rule)

@@ -13,9 +13,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import localcredit as lc
 from localcredit.experiment import RunSpec, build_rule
+from localcredit.nets.layers import weight_layers
 from localcredit.training.config import TrainConfig
 from localcredit.training.progress import read_figures
 from localcredit.training.trainer import Trainer
@@ -35,6 +37,22 @@ def assert_figures_unread_and_readable(stats) -> None:
     assert read == {k: v.item() if k in tensors else v for k, v in stats.items()}
 
 
+def all_gradients(rule, x, y) -> list[torch.Tensor]:
+    """The gradient ``assign_credit`` writes into every parameter of the rule (its auxiliary ones too), zeros
+    where it writes none; batch-norm statistics and the gradients are left as they were."""
+    rule.net.train()
+    rule.zero_grad()
+    with rule.net.statistics_kept():
+        rule.assign_credit(x, y)
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in rule.parameters()]
+    rule.zero_grad()
+    return grads
+
+
+#: The head of the output-masking tests (task-incremental learning): classes 2 and 3 compete, the others are off.
+HEAD = [2, 3]
+
+
 class RuleContract:
     rule: str = ""
     options: list[str] = []
@@ -48,6 +66,10 @@ class RuleContract:
     supports_conv: bool = True
     #: test accuracy floors after 2 epochs on 3k Fashion-MNIST images (``fashion_deep``), per deep network
     deep_floors: dict[str, float] = {}
+
+    #: the network and the extra options of the output-masking and target tests (a small MLP: they are cheap)
+    mask_hidden: list[int] = [24, 24]
+    mask_options: list[str] = []
 
     def make(self, data, seed=0, arch=None, hidden=None, options=None, **network):
         spec = RunSpec(rule=self.rule, data=data.name, arch=arch, hidden=self.hidden if hidden is None else hidden,
@@ -92,6 +114,68 @@ class RuleContract:
         stats = rule.step(*self.batch(fashion_small, n=32))
         assert math.isfinite(stats["loss"])
         assert len(rule.update_directions(*self.batch(fashion_small, n=32))) == len(rule.net.layers)
+
+    # ----- one masking for all: every class loss over the active classes; soft targets --------------
+    def class_rows(self, rule) -> list[torch.Tensor]:
+        """Views of the parameters that belong to one class each, class c in row c: the output layer's weight
+        and bias by default; a rule with auxiliary class outputs (classifiers, decoders, worker heads) adds theirs."""
+        _, layer = weight_layers(rule.net.layers[-1])[-1]
+        return [t[:rule.net.num_classes] for t in (layer.weight, layer.bias) if t is not None]
+
+    def make_small(self, data):
+        return self.make(data, hidden=self.mask_hidden, options=[*self.options, *self.mask_options])
+
+    def head_batch(self, data, n=32):
+        """A batch labelled within HEAD (each sample answers in its own task's head)."""
+        x, y = self.batch(data, n=n)
+        return x, HEAD[0] + y % len(HEAD)
+
+    def test_a_head_leaves_the_other_classes_alone(self, fashion_small):
+        rule = self.make_small(fashion_small)
+        others = [c for c in range(rule.net.num_classes) if c not in HEAD]
+        rule.restrict_outputs(HEAD)
+        before = [t.detach().clone() for t in self.class_rows(rule)]
+        stats = rule.step(*self.head_batch(fashion_small))
+        assert math.isfinite(stats["loss"])
+        assert all(torch.isfinite(p).all() for p in rule.parameters())
+        after = self.class_rows(rule)
+        for b, a in zip(before, after):
+            assert torch.equal(b[others], a[others]), "an inactive class's output weights moved"
+        assert any(not torch.equal(b[HEAD], a[HEAD]) for b, a in zip(before, after)), "the head's classes learn"
+
+    def test_a_per_sample_head_equal_for_every_sample_is_the_class_list(self, fashion_small):
+        rule = self.make_small(fashion_small)
+        x, y = self.head_batch(fashion_small)
+        rule.restrict_outputs(HEAD)
+        listed = all_gradients(rule, x, y)
+        mask = torch.zeros(len(x), rule.net.num_classes, dtype=torch.bool)
+        mask[:, HEAD] = True
+        rule.restrict_outputs(mask)
+        for got, want in zip(all_gradients(rule, x, y), listed):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    @pytest.mark.parametrize("head", [None, HEAD])
+    def test_one_hot_targets_are_the_class_indices(self, fashion_small, head):
+        rule = self.make_small(fashion_small)
+        x, y = self.head_batch(fashion_small)
+        rule.restrict_outputs(head)
+        want = all_gradients(rule, x, y)
+        for got, w in zip(all_gradients(rule, x, F.one_hot(y, rule.net.num_classes).float()), want):
+            torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-6)
+
+    def test_soft_targets_give_finite_updates_in_any_head(self, fashion_small):
+        rule = self.make_small(fashion_small)
+        x, _ = self.batch(fashion_small, n=32)
+        classes = rule.net.num_classes
+        soft = torch.softmax(torch.randn(len(x), classes, generator=torch.Generator().manual_seed(0)), 1)
+        mixed = torch.zeros(len(x), classes, dtype=torch.bool)  # replay: every other sample from another task's head
+        mixed[0::2, HEAD] = True
+        mixed[1::2, [4, 5]] = True
+        for head in (None, HEAD, mixed):
+            rule.restrict_outputs(head)
+            grads = all_gradients(rule, x, soft)
+            assert all(torch.isfinite(g).all() for g in grads), head
+            assert sum(g.abs().sum() for g in grads) > 0, head
 
     def make_deep(self, data, network: str, seed: int = 0):
         """The rule on a deep network of DEEP_NETWORKS, or ("user") on a user's own, from the Python API."""

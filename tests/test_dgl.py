@@ -38,6 +38,9 @@ class TestDecoupledGreedy(RuleContract):
     # vgg 0.753 / 0.780, resnet 0.107 / 0.262, user 0.769 / 0.790
     deep_floors = {"vgg": 0.72, "resnet": 0.05, "user": 0.73}
 
+    def class_rows(self, rule):
+        return [*super().class_rows(rule), *(p for aux in rule.auxiliary.values() for p in aux[-1].parameters())]
+
     @pytest.mark.parametrize("network,group,modules", [
         (dict(arch="mlp", hidden=[64, 32, 32]), 1, [[0], [1], [2], [3]]),
         (dict(DEEP_NETWORKS["resnet"], hidden=[]), 2, [[0, 1], [2, 3], [4]]),  # stem + unit 1 | units 2-3 | head

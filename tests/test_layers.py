@@ -8,7 +8,14 @@ from torch import nn
 import localcredit as lc
 from localcredit.errors import UserError
 from localcredit.nets.blocknet import blocknet
-from localcredit.nets.layers import check_layer_math, layer_kind, swapped_input_gradients, weight_layers, weight_op
+from localcredit.nets.layers import (
+    ReplacedWeightLayers,
+    check_layer_math,
+    layer_kind,
+    swapped_input_gradients,
+    weight_layers,
+    weight_op,
+)
 
 WEIGHT_LAYERS = {
     "linear": (lambda: nn.Linear(12, 7), (5, 12)),
@@ -125,3 +132,62 @@ def test_a_container_with_its_own_forward_must_be_registered():
     with pytest.raises(UserError, match="Twice"):
         check_layer_math([Twice()], "fa", "needs the math")
     check_layer_math([nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.BatchNorm1d(4), nn.Tanh()))], "fa", "x")
+
+
+def no_module_patched(net):
+    return all("forward" not in module.__dict__ for module in net.modules())
+
+
+def test_replacements_nest_innermost_first_and_patch_no_module():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Unflatten(1, (1, 4)), nn.Conv1d(1, 1, 1), nn.Flatten(), nn.Linear(4, 3))
+    layers = dict(weight_layers(net))
+    seen = []
+
+    def record(tag):
+        def replacement(name, module, op, x):
+            seen.append((tag, name))
+            return op.forward(module, x, module.weight)
+        return replacement
+
+    x = torch.randn(2, 5)
+    want = net(x)
+    with ReplacedWeightLayers(net.named_modules(), record("outer")):
+        inner_only = [("4", layers["4"]), ("2", layers["2"])]
+        with ReplacedWeightLayers(inner_only, record("inner")):
+            assert no_module_patched(net)
+            torch.testing.assert_close(net(x), want, rtol=0, atol=0)
+        assert seen == [("outer", "0"), ("inner", "2"), ("inner", "4")], "the innermost mode holding a layer replaces it, once"
+        seen.clear()
+        net(x)
+        assert seen == [("outer", "0"), ("outer", "2"), ("outer", "4")], "the outer mode is back for every layer"
+    seen.clear()
+    net(x)
+    assert seen == [] and no_module_patched(net)
+
+
+def test_swapped_input_gradients_nest_and_restore_on_the_way_out():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    first, last = net[0], net[2]
+    outer = {"0": torch.randn(4, 5, dtype=torch.float64), "2": torch.randn(3, 4, dtype=torch.float64)}
+    inner = torch.randn(3, 4, dtype=torch.float64)
+    x, grad_out = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+
+    def input_gradient(kernel_first, kernel_last):
+        """dL/dx of L = <net(x), grad_out> written out, with each layer's kernel in place of its weight."""
+        a = torch.tanh(first(x))
+        return ((grad_out @ kernel_last) * (1 - a.square())) @ kernel_first
+
+    def autograd_input_gradient():
+        x_ = x.clone().requires_grad_()
+        return torch.autograd.grad(net(x_), x_, grad_out)[0]
+
+    with swapped_input_gradients(net, lambda name, module: outer[name]):
+        with swapped_input_gradients(nn.Sequential(last), lambda name, module: inner):
+            torch.testing.assert_close(autograd_input_gradient(), input_gradient(outer["0"], inner))
+            assert no_module_patched(net)
+        torch.testing.assert_close(autograd_input_gradient(), input_gradient(outer["0"], outer["2"]))
+    weights = first.weight.detach(), last.weight.detach()
+    torch.testing.assert_close(autograd_input_gradient(), input_gradient(*weights))
+    assert no_module_patched(net)

@@ -18,7 +18,7 @@ from localcredit.rules.leader_follower import (
     select_leaders,
     worker_losses,
 )
-from localcredit.rules.local_classifier import block_features
+from localcredit.rules.local_loss import block_features
 from localcredit.training.config import TrainConfig
 from localcredit.training.trainer import Trainer
 
@@ -119,6 +119,17 @@ def assert_gradients_match_the_formulas(rule, x, y, global_weight=None):
     for head, want in zip(rule.worker_heads, want_workers):
         for p, w in zip(head.parameters(), want):
             torch.testing.assert_close(p.grad, w, rtol=1e-9, atol=1e-12)
+
+
+def worker_class_rows(rule):
+    """Each worker head's parameters as views with the classes first: (C, N, ...)."""
+    rows, n, c = [], rule.config.workers, rule.net.num_classes
+    for head in rule.worker_heads:
+        if isinstance(head, GroupedWorkerHead):  # weights (n, C, g) per run, bias (N, C, 1)
+            rows += [p.transpose(0, 1) for p in head.parameters()]
+        else:  # nn.Linear(F, N*C): row j*C + c is worker j's class c
+            rows += [head.weight.view(n, c, -1).transpose(0, 1), head.bias.view(n, c).t()]
+    return rows
 
 
 class TestGroupedWorkerHead:
@@ -238,6 +249,9 @@ class TestLeaderFollowerLocal(RuleContract):
     # vgg 0.729 / 0.766, resnet 0.204 / 0.297, user 0.740 / 0.787
     deep_floors = {"vgg": 0.69, "resnet": 0.10, "user": 0.70}
 
+    def class_rows(self, rule):
+        return [*super().class_rows(rule), *worker_class_rows(rule)]
+
     @pytest.mark.parametrize("network", [dict(arch="mlp", hidden=[64, 32, 32]), dict(arch="conv", hidden=[32]),
                                          dict(DEEP_NETWORKS["resnet"], hidden=[])])
     def test_no_error_crosses_a_block(self, fashion_small, network):
@@ -277,6 +291,9 @@ class TestLeaderFollower(RuleContract):
     # min / median, seeds 0-4 x 1, 2 threads:
     # vgg 0.804 / 0.827, resnet 0.567 / 0.609, user 0.776 / 0.817
     deep_floors = {"vgg": 0.77, "resnet": 0.51, "user": 0.74}
+
+    def class_rows(self, rule):
+        return [*super().class_rows(rule), *worker_class_rows(rule)]
 
     def test_is_lfnn_l_plus_the_global_gradient(self, fashion_small):
         x, y = self.batch(fashion_small, n=40)

@@ -127,6 +127,9 @@ class TestLocalLearned(RuleContract):
     # vgg 0.780 / 0.790, resnet 0.306 / 0.327, user 0.765 / 0.794
     deep_floors = {"vgg": 0.75, "resnet": 0.27, "user": 0.73}
 
+    def class_rows(self, rule):
+        return [*super().class_rows(rule), *(p for classifier in rule.classifiers for p in classifier.parameters())]
+
     @pytest.mark.parametrize("network", [dict(arch="mlp", hidden=[64, 32, 32]), dict(DEEP_NETWORKS["resnet"], hidden=[])])
     def test_no_error_crosses_a_block(self, fashion_small, network):
         rule = self.make(fashion_small, **network)

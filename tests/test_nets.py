@@ -88,11 +88,17 @@ def test_blocknet_uses_your_modules_and_groups_them():
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
     single = lc.blocknet(model, (4,), 3)
     assert single.blocks[0] is model[0] and single.head is model[1]  # shared, not copied
+    # Without group, children without parameters join the block before them (leading ones the next).
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 3), nn.LogSoftmax(1))
+    joined = lc.blocknet(model, (4,), 3)
+    assert joined.description["blocks"] == [["Flatten", "Linear", "ReLU", "Dropout"], ["Linear", "LogSoftmax"]]
 
 
 @pytest.mark.parametrize("model,kwargs,expect", [
     (nn.Linear(4, 3), {}, "nn.Sequential"),
-    (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), {}, r"block 1 \(ReLU\) has no trainable parameters"),
+    (nn.Sequential(nn.ReLU(), nn.Flatten()), {}, r"the head \(ReLU, Flatten\) has no trainable parameters"),
+    (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), {"group": [1, 1, 1]},
+     r"block 1 \(ReLU\) has no trainable parameters"),
     (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), {"group": [2, 2]}, "add up to the model's 3"),
     (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5)), {"group": [2, 1]}, r"must be \(3,\)"),
     (nn.Sequential(nn.Linear(5, 3)), {}, "cannot take an input of per-sample shape"),

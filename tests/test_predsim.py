@@ -34,6 +34,9 @@ class TestPredSim(RuleContract):
     # vgg 0.770 / 0.793, resnet 0.226 / 0.255, user 0.778 / 0.807
     deep_floors = {"vgg": 0.74, "resnet": 0.18, "user": 0.74}
 
+    def class_rows(self, rule):
+        return [*super().class_rows(rule), *(p for d in rule.decoders for p in d.decoder.parameters())]
+
     def test_identical_samples_of_one_class_give_zero_sim_loss(self):
         h = torch.randn(1, 5, 3, 3).repeat(4, 1, 1, 1)
         target = F.one_hot(torch.tensor([2, 2, 2, 2]), 10).float()

@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     spec = RunSpec(**spec_options.given(args, RunSpec))
     data = load_data(spec)
     rule = build_rule(spec, data)
+    rule.start_epoch(0, spec.epochs)  # the steps of a run's first epoch (a layer-wise schedule needs it)
     b = spec.batch_size
     batches = [(data.x_train[i * b:(i + 1) * b], data.y_train[i * b:(i + 1) * b])
                for i in range(args.steps + args.timed_steps)]

@@ -8,7 +8,7 @@ streamed from disk) and the per-data-set loaders all build on it, and it imports
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,14 @@ STD_FLOOR = 1e-6
 
 @dataclass
 class Dataset:
-    """One data set, both splits held whole as tensors (inputs standardised, labels 0..num_classes-1)."""
+    """One data set, both splits held whole as tensors (inputs standardised, labels 0..num_classes-1).
+
+    ``name``: what ``load`` was given (``"fashion-mnist"``). ``x_train``: float32 inputs, (N, C, H, W)
+    for images, (N, D) for vectors, standardised with the training split's mean and std (per channel
+    for images). ``y_train``: int64 class indices, (N,). ``x_test``, ``y_test``: the test split, the
+    same way (standardised with the *training* statistics). ``num_classes``: C, labels are 0..C-1.
+    ``input_shape``: one sample's shape, (C, H, W) or (D,).
+    """
 
     name: str
     x_train: torch.Tensor  # float32, (N, C, H, W) for images, (N, D) for vectors
@@ -50,6 +57,35 @@ class Dataset:
     def is_image(self) -> bool:
         """True for (N, C, H, W) inputs."""
         return self.x_train.dim() == 4
+
+    def limited(self, limit_train: int | None) -> Dataset:
+        """The first ``limit_train`` training samples (None: all) and the whole test split, as ``--limit-train``
+        trains on: standardised as before, with the whole training split's statistics."""
+        if limit_train is None:
+            return self
+        if isinstance(limit_train, bool) or not isinstance(limit_train, int) or limit_train < 1:
+            raise UserError(f"limit_train={limit_train!r} must be a positive number of training samples")
+        return replace(self, x_train=self.x_train[:limit_train].clone(), y_train=self.y_train[:limit_train].clone())
+
+    def to(self, device: str | torch.device) -> Dataset:
+        """Both splits on ``device`` ("cpu", "cuda", "cuda:N", "auto": CUDA when there is one)."""
+        where = checked_device(device, "load")
+        return replace(self, x_train=self.x_train.to(where), y_train=self.y_train.to(where),
+                       x_test=self.x_test.to(where), y_test=self.y_test.to(where))
+
+
+def checked_device(name: str | torch.device, who: str) -> torch.device:
+    """``name`` as a device this machine has ("auto": CUDA when there is one); a one-line UserError from
+    ``who`` otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{who}: unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{who}: device {name!r} was asked for but torch sees no CUDA device")
+    return device
 
 
 @dataclass
@@ -93,8 +129,8 @@ def validation_split(data: Dataset, fraction: float = VALIDATION_FRACTION,
     training split (statistics of training data only; the held-out part shifts them negligibly).
     """
     labels = data.y_train.numpy()
-    train, held_out = stratified_split(labels, round(len(labels) * fraction), seed)
-    train, held_out = torch.from_numpy(train), torch.from_numpy(held_out)
+    train_np, held_out_np = stratified_split(labels, round(len(labels) * fraction), seed)
+    train, held_out = torch.from_numpy(train_np), torch.from_numpy(held_out_np)
     return Dataset(name=VALIDATION_PREFIX + data.name, x_train=data.x_train[train], y_train=data.y_train[train],
                    x_test=data.x_train[held_out], y_test=data.y_train[held_out], num_classes=data.num_classes)
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from ..errors import UserError, did_you_mean
 from .base import (
     IMAGEFOLDER_PREFIX,
@@ -43,12 +45,20 @@ def dataset_names() -> list[str]:
 
 # ------------------------------------------------------------------------------------------ loading
 
-def load(name: str, root: str | os.PathLike | None = None) -> Dataset:
+def load(name: str, root: str | os.PathLike | None = None, *, limit_train: int | None = None,
+         device: str | torch.device | None = None) -> Dataset:
     """Load a named data set (see :func:`dataset_names`) or ``npz:PATH``, standardised, as tensors.
 
     ``root`` is the folder holding the named data set's files (default ``data_home()/<name>``);
-    ``npz:PATH`` names its file itself and ignores it.
+    ``npz:PATH`` names its file itself and ignores it. ``limit_train`` keeps the first N training
+    samples (as ``--limit-train``: standardised with the whole training split's statistics) and the
+    whole test split; ``device`` ("cpu", "cuda", "auto") puts both splits there.
     """
+    data = _load(name, root).limited(limit_train)
+    return data.to(device) if device is not None else data
+
+
+def _load(name: str, root: str | os.PathLike | None) -> Dataset:
     if name.startswith(VALIDATION_PREFIX):
         return validation_split(load(name[len(VALIDATION_PREFIX):], root))
     if name.startswith(NPZ_PREFIX):

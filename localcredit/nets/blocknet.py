@@ -138,37 +138,74 @@ def has_parameters(module: nn.Module) -> bool:
 
 
 def blocknet(model: nn.Module | Sequence[nn.Module], input_shape: Sequence[int], num_classes: int,
-             group: Sequence[int] | None = None) -> BlockNet:
-    """Your own model as a BlockNet: each child of ``model`` (an ``nn.Sequential`` or a list) a block, the last the head.
+             group: Sequence[int] | None = None, cut_at: Sequence[str] | None = None) -> BlockNet:
+    """Your own model as a BlockNet: blocks of the children of ``model`` (an ``nn.Sequential`` or a list),
+    or, with ``cut_at``, of any traceable model's forward; the last block is the head.
 
-    ``group`` joins consecutive children into one block: ``group=[4, 4, 2]`` makes blocks of the first
-    four children, the next four, and the last two (the head). The modules are used as they are,
-    not copied: the BlockNet and ``model`` share their weights.
+    A block needs trainable parameters. Without ``group``, each child with parameters is a block and the
+    children without (activations, pooling, Flatten) join the block before them (leading ones the
+    next): ``Conv2d, ReLU, MaxPool2d, Flatten, Linear`` makes two blocks. ``group`` joins consecutive
+    children into one block instead: ``group=[4, 4, 2]`` makes blocks of the first four children, the
+    next four, and the last two (the head).
+
+    ``cut_at=["layer1", "layer2"]`` traces ``model`` (any ``nn.Module`` whose forward ``torch.fx`` can
+    trace, e.g. a ResNet with its own forward) and cuts its forward after each named submodule:
+    block i runs from the previous cut to the end of ``cut_at[i]``, the head everything after the last
+    (:mod:`localcredit.nets.traced`).
+
+    The modules are used as they are, not copied: the BlockNet and ``model`` share their weights.
     """
+    if len(input_shape) == 0 or any(int(s) < 1 for s in input_shape):
+        raise UserError(f"input_shape must be the per-sample shape, e.g. (1, 28, 28); got {tuple(input_shape)}")
+    if cut_at is not None:
+        if group is not None:
+            raise UserError("blocknet takes group (children of an nn.Sequential) or cut_at (a traced forward), not both")
+        if not isinstance(model, nn.Module):
+            raise UserError(f"blocknet(cut_at=...) takes an nn.Module; got {type(model).__name__}")
+        from .traced import trace_blocks  # torch.fx, only for models that need it
+
+        pieces = trace_blocks(model, cut_at)
+        names = [f"up to {name}" for name in cut_at] + [f"after {cut_at[-1]}" if cut_at else "the whole forward"]
+        _check_blocks(pieces, names, hint="cut elsewhere with cut_at=[...]")
+        return BlockNet(pieces[:-1], pieces[-1], tuple(int(s) for s in input_shape), num_classes, arch="custom",
+                        description={"model": type(model).__name__, "cut_at": list(cut_at)})
     if isinstance(model, nn.Sequential) or (isinstance(model, (list, tuple)) and
                                             all(isinstance(m, nn.Module) for m in model)):
         children = list(model)
     else:
-        raise UserError(f"blocknet takes an nn.Sequential (or a list of modules) whose children run in order; "
-                        f"got {type(model).__name__}")
-    if len(input_shape) == 0 or any(int(s) < 1 for s in input_shape):
-        raise UserError(f"input_shape must be the per-sample shape, e.g. (1, 28, 28); got {tuple(input_shape)}")
+        raise UserError(f"blocknet takes an nn.Sequential (or a list of modules) whose children run in order, "
+                        f"or any model with cut_at=[submodule names]; got {type(model).__name__}")
     groups = _grouped(children, group)
     if len(groups) < 1:
         raise UserError("blocknet needs at least one module (the head)")
     layers = [g[0] if len(g) == 1 else nn.Sequential(*g) for g in groups]
-    for l, layer in enumerate(layers):
-        if not has_parameters(layer):
-            what = "the head" if l == len(layers) - 1 else f"block {l}"
-            raise UserError(f"{what} ({', '.join(type(m).__name__ for m in groups[l])}) has no trainable "
-                            f"parameters: join it to a neighbour with group=[...]")
+    _check_blocks(layers, [", ".join(type(m).__name__ for m in g) for g in groups],
+                  hint="join it to a neighbour with group=[...]")
     return BlockNet(layers[:-1], layers[-1], tuple(int(s) for s in input_shape), num_classes, arch="custom",
                     description={"blocks": [[type(m).__name__ for m in g] for g in groups]})
 
 
+def _check_blocks(layers: Sequence[nn.Module], names: Sequence[str], hint: str) -> None:
+    for l, layer in enumerate(layers):
+        if not has_parameters(layer):
+            what = "the head" if l == len(layers) - 1 else f"block {l}"
+            raise UserError(f"{what} ({names[l]}) has no trainable parameters: {hint}")
+
+
 def _grouped(children: list[nn.Module], group: Sequence[int] | None) -> list[list[nn.Module]]:
     if group is None:
-        return [[child] for child in children]
+        # Each child with parameters a block; the others join the block before them (leading ones the next).
+        groups: list[list[nn.Module]] = []
+        leading: list[nn.Module] = []
+        for child in children:
+            if has_parameters(child):
+                groups.append([*leading, child])
+                leading = []
+            elif groups:
+                groups[-1].append(child)
+            else:
+                leading.append(child)
+        return groups if not leading else [leading]  # only parameter-free children: refused by the check
     sizes = list(group)
     if any(not isinstance(n, int) or n < 1 for n in sizes) or sum(sizes) != len(children):
         raise UserError(f"group={sizes} must be positive counts of consecutive children that add up to the "

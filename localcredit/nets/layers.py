@@ -8,6 +8,11 @@ computes its usual output, and its backward pass uses the rule's kernel for the 
 its weight and bias gradients stay the layer's own (dL/dW = delta x^T). Every other layer in a
 block -- batch norm, activations, pooling, dropout, the residual add -- keeps its local backward.
 
+No module is patched: :class:`ReplacedWeightLayers` is a ``TorchFunctionMode`` that, while active,
+routes the one functional call through which a weight layer computes its output (``F.linear``,
+``F.conv2d``, ... recognised by the identity of the layer's weight) to the rule's replacement.
+Such modes nest, and the blocks' own forward code runs as always around the intercepted call.
+
 The registry sorts module types into three kinds:
 
 * **weight layers** (``nn.Linear``, ``nn.Conv1d/2d/3d`` with any stride, padding, dilation, groups,
@@ -26,14 +31,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import UserError
 
@@ -54,7 +60,12 @@ class WeightOp:
     input_gradient: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     parameter_gradients: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
     feedback_fan_in: Callable[[nn.Module], int]
-    #: applied to the input before the op, with autograd's own (local) backward: e.g. a conv's padding
+    #: the torch function through which the layer's own forward computes its output, called as
+    #: ``functional(input, weight, ...)``: a rule replaces the layer's math by intercepting that call
+    #: (:class:`ReplacedWeightLayers`). Required for a registration.
+    functional: Callable[..., torch.Tensor] | None = None
+    #: applied to the input of that call before the op, with autograd's own (local) backward: e.g.
+    #: the 'same' padding a conv leaves to its call
     prepare_input: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda module, x: x
 
 
@@ -73,6 +84,9 @@ def register_layer(cls: type, kind: Kind, op: WeightOp | None = None) -> None:
         raise ValueError(f"unknown layer kind {kind!r}")
     if (kind == "weight") != (op is not None):
         raise ValueError("a weight layer needs a WeightOp, and only a weight layer takes one")
+    if op is not None and op.functional is None:
+        raise ValueError("a WeightOp needs its functional: the torch function the layer's forward calls "
+                         "as functional(input, weight, ...)")
     _KINDS[cls] = kind
     if op is not None:
         _WEIGHT_OPS[cls] = op
@@ -110,6 +124,7 @@ LINEAR = WeightOp(
     input_gradient=_linear_input_gradient,
     parameter_gradients=_linear_parameter_gradients,
     feedback_fan_in=lambda module: module.out_features,
+    functional=F.linear,
 )
 
 
@@ -123,20 +138,19 @@ def _conv_padding(module: nn.modules.conv._ConvNd) -> tuple[int, ...] | int:
 
 
 def _pad_conv_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
-    """Apply the padding the op does not: 'same' (possibly asymmetric), or a mode other than zeros."""
-    if _pads_itself(module) or module.padding == "valid":
+    """The padding that neither the op nor the layer's own call applies: 'same' zero padding (possibly
+    asymmetric). A conv pads itself, before its call, with any mode other than zeros; symmetric zero
+    padding (numbers) is the op's."""
+    if module.padding_mode != "zeros" or module.padding != "same":
         return x
-    if module.padding == "same":
-        pairs = []
-        for d, k in zip(module.dilation, module.kernel_size):
-            total = d * (k - 1)
-            pairs.append((total // 2, total - total // 2))
-    else:
-        pairs = [(p, p) for p in module.padding]
+    pairs = []
+    for d, k in zip(module.dilation, module.kernel_size):
+        total = d * (k - 1)
+        pairs.append((total // 2, total - total // 2))
     pad = [side for pair in reversed(pairs) for side in pair]  # F.pad starts from the last dimension
     if not any(pad):
         return x
-    return F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    return F.pad(x, pad, mode="constant")
 
 
 def _conv_op(dims: int) -> WeightOp:
@@ -168,7 +182,8 @@ def _conv_op(dims: int) -> WeightOp:
         # One input channel is reached by out_channels / groups output channels, each over the kernel's area.
         return module.out_channels // module.groups * math.prod(module.kernel_size)
 
-    return WeightOp(forward, input_gradient, parameter_gradients, fan_in, prepare_input=_pad_conv_input)
+    return WeightOp(forward, input_gradient, parameter_gradients, fan_in, functional=convolution,
+                    prepare_input=_pad_conv_input)
 
 
 class _SwappedInputGradient(torch.autograd.Function):
@@ -195,48 +210,77 @@ class _SwappedInputGradient(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
+#: ``replacement(name, layer, its WeightOp, x)``: the layer's output, from ``x``, the input of its op
+Replacement = Callable[[str, nn.Module, WeightOp, torch.Tensor], torch.Tensor]
+
+class _Running(threading.local):
+    """Per thread, the layers (by id) whose replacement is running: the calls inside one are not to be replaced again."""
+
+    def __init__(self):
+        self.layers: set[int] = set()
+
+
+_running = _Running()
+
+
+class ReplacedWeightLayers(TorchFunctionMode):
+    """While active, every registered weight layer among ``named_modules`` computes its output as
+    ``replacement(name, layer, its WeightOp, x)``, ``name`` as ``named_modules`` gives it.
+
+    A context manager that touches no module: it intercepts the call through which the layer's own
+    forward computes its output (:attr:`WeightOp.functional`, e.g. ``F.linear(x, W, b)``), recognised
+    by the identity of the layer's weight, and hands the replacement that call's input (after
+    :attr:`WeightOp.prepare_input`). The blocks' forward code runs as always around it. Every other
+    torch call passes through, and none is intercepted after the way out.
+
+    Such modes nest. A layer is replaced by the innermost active mode that holds it; the calls made
+    inside a replacement (its own op among them) reach the outer modes, which pass that layer's
+    calls through instead of replacing it a second time.
+    """
+
+    def __init__(self, named_modules: Iterable[tuple[str, nn.Module]], replacement: Replacement):
+        super().__init__()
+        self.replacement = replacement
+        self.layers: dict[int, tuple[str, nn.Module, WeightOp]] = {}  # by id of the weight
+        for name, module in named_modules:
+            op = weight_op(module)
+            if op is not None:
+                self.layers.setdefault(id(module.weight), (name, module, op))
+        self.functionals = {op.functional for _, _, op in self.layers.values()}
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self.functionals and len(args) > 1:
+            layer = self.layers.get(id(args[1]))
+            if layer is not None and layer[2].functional is func:
+                name, module, op = layer
+                if id(module) not in _running.layers:
+                    _running.layers.add(id(module))
+                    try:
+                        return self.replacement(name, module, op, op.prepare_input(module, args[0]))
+                    finally:
+                        _running.layers.discard(id(module))
+        return func(*args, **kwargs)
+
+
 KernelOf = Callable[[str, nn.Module], torch.Tensor]
 
 
-def _swapped_forward(module: nn.Module, op: WeightOp, kernel_of: KernelOf, name: str,
+def _swapped_forward(kernel_of: KernelOf, name: str, module: nn.Module, op: WeightOp,
                      x: torch.Tensor) -> torch.Tensor:
-    x = op.prepare_input(module, x)
     kernel = functools.partial(kernel_of, name, module)
     return _SwappedInputGradient.apply(x, module.weight, module.bias, kernel, op, module)
 
 
-@contextmanager
-def swapped_input_gradients(net: nn.Module, kernel_of: KernelOf) -> Iterator[None]:
-    """While inside, every weight layer of ``net`` sends errors down through ``kernel_of(name, layer)``.
+def swapped_input_gradients(net: nn.Module, kernel_of: KernelOf) -> ReplacedWeightLayers:
+    """A context manager: while inside, every weight layer of ``net`` sends errors down through ``kernel_of(name, layer)``.
 
     The forward values are unchanged (each layer computes op(x; W, b)); only the input gradient of
     each weight layer uses the kernel, which is asked for during the backward pass, with the
     weights of the forward. ``name`` is the layer's name in ``net.named_modules()``.
-    The blocks' own forward code runs as always: only the weight layers' ``forward`` is replaced,
-    as an instance attribute that is removed on the way out.
+    The blocks' own forward code runs as always (:class:`ReplacedWeightLayers`).
     """
-    with replaced_weight_forwards(net.named_modules(), lambda name, module, op: functools.partial(
-            _swapped_forward, module, op, kernel_of, name)):
-        yield
-
-
-@contextmanager
-def replaced_weight_forwards(named_modules: Iterable[tuple[str, nn.Module]],
-                             make_forward: Callable[[str, nn.Module, WeightOp], Callable]) -> Iterator[None]:
-    """While inside, every registered weight layer among ``named_modules`` runs
-    ``make_forward(name, layer, its WeightOp)`` as its forward: an instance attribute, removed on the way
-    out, so the blocks' own forward code runs as always around it."""
-    patched = []
-    try:
-        for name, module in named_modules:
-            op = weight_op(module)
-            if op is not None:
-                module.forward = make_forward(name, module, op)
-                patched.append(module)
-        yield
-    finally:
-        for module in patched:
-            del module.forward
+    return ReplacedWeightLayers(net.named_modules(), functools.partial(_swapped_forward, kernel_of))
 
 
 def weight_layers(net: nn.Module) -> list[tuple[str, nn.Module]]:

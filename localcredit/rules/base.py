@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.base import checked_device
 from ..errors import UserError, did_you_mean
 from ..nets.architectures import NetSpec
 from ..nets.architectures import build as build_net
@@ -70,18 +71,28 @@ def available() -> dict[str, str]:
 
 
 def make_rule(name: str, net: BlockNet, *, optimizer: str = "adam", lr: float | None = None,
-              momentum: float = 0.9, weight_decay: float = 0.0, **options: Any) -> Rule:
+              momentum: float = 0.9, weight_decay: float = 0.0, device: str | torch.device | None = None,
+              **options: Any) -> Rule:
     """The rule ``name`` training ``net``; ``options`` are the rule's own (``localcredit rules``), checked.
 
+    ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``: CUDA when there is one) moves the rule
+    and ``net`` there; None leaves them where ``net`` is (the CPU for a model just built).
     The rule's fixed random matrices and auxiliary heads are drawn from torch's global generator:
     seed it (``torch.manual_seed``) for a repeatable run.
     """
     rule_cls = get(name)
     if not isinstance(net, BlockNet):
         raise UserError(f"make_rule needs a BlockNet (localcredit.blocknet(...)), got {type(net).__name__}")
+    if not isinstance(optimizer, str):
+        raise UserError(f"make_rule: optimizer={optimizer!r} is not one of {', '.join(DEFAULT_LR)}")
+    for key, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+        if (value is not None or key != "lr") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"make_rule: {key}={value!r} is not a number")
     optim = OptimConfig(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     check_options(optim, source="make_rule")
-    return rule_cls(net, make_config(rule_cls.Config, options), optim)
+    where = checked_device(device, "make_rule") if device is not None else None
+    rule = rule_cls(net, make_config(rule_cls.Config, options), optim)
+    return rule.to(where) if where is not None else rule
 
 
 def option(default: Any, help: str) -> Any:
@@ -219,6 +230,61 @@ GradientHook = Callable[["Rule", StepFigures], None]
 GradientsFinal = Callable[[Sequence[nn.Parameter]], None]
 
 
+# ----- class losses over the active classes (multi-head outputs, soft targets) --------------------
+def masked_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``scores`` (B, ..., C) with the classes outside ``mask`` (bool, broadcasting) at the dtype's most
+    negative finite number.
+
+    Not -inf: exp() of it underflows to exactly 0 as exp(-inf) does, so a cross-entropy against class
+    indices, and its gradient, are bit for bit those with -inf; but a target distribution's term there
+    is 0 * (finite) = 0, where 0 * log(0) = 0 * -inf would make the loss and every gradient NaN. The
+    fill's backward gives the masked scores no gradient at all.
+    """
+    return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+
+
+def target_distribution(y: torch.Tensor, num_classes: int, mask: torch.Tensor | None = None,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, C) target probabilities: the one-hot rows of class indices ``y`` (B,), or ``y`` itself when it is a
+    probability matrix (B, C) (a soft target, e.g. a teacher's, used as it is).
+
+    With ``mask`` (bool, (C,) or (B, C): the active classes) the inactive classes get probability 0
+    and each row is renormalised over its active ones (a row without mass there stays 0: its sample
+    adds nothing to the loss). A one-hot row of an active class is unchanged.
+    """
+    if y.is_floating_point():
+        target = y if dtype is None else y.to(dtype)
+    else:
+        target = F.one_hot(y, num_classes).to(dtype or torch.get_default_dtype())
+    if mask is None:
+        return target
+    target = target * mask
+    return target / target.sum(1, keepdim=True).clamp_min(torch.finfo(target.dtype).tiny)
+
+
+def class_loss(scores: torch.Tensor, y: torch.Tensor, kind: str = "ce", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A class loss of ``scores`` (B, C), mean over the batch, over the classes of ``mask`` only (None: all).
+
+    ``y``: class indices (B,) or target probabilities (B, C) (:func:`target_distribution`). ``kind``:
+    ``ce`` cross-entropy; ``mse`` 0.5 ||s - t||^2; ``hinge`` the one-vs-all square hinge
+    sum_c max(0, 1 - (2 t_c - 1) s_c)^2. An inactive class takes no probability mass, adds nothing
+    and gets no gradient; nothing is NaN (:func:`masked_scores`).
+    """
+    if kind == "ce":
+        if y.is_floating_point():
+            y = target_distribution(y, scores.shape[1], mask, scores.dtype)
+        return F.cross_entropy(scores if mask is None else masked_scores(scores, mask), y)
+    target = target_distribution(y, scores.shape[1], mask, scores.dtype)
+    if kind == "mse":
+        per_class = (scores - target).pow(2)
+        return 0.5 * (per_class if mask is None else per_class * mask).sum(1).mean()
+    if kind == "hinge":
+        signs = 2 * target - 1  # one-vs-all: +1 for the true class, -1 for the others
+        per_class = F.relu(1 - signs * scores).pow(2)
+        return (per_class if mask is None else per_class * mask).sum(1).mean()
+    raise ValueError(f"unknown loss {kind!r}")
+
+
 class Rule(nn.Module):
     """Base class of every learning rule. Subclasses implement :meth:`assign_credit`."""
 
@@ -313,33 +379,82 @@ class Rule(nn.Module):
         return []
 
     def task_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The loss whose BP gradient ``align`` compares against (over the active classes only)."""
-        return F.cross_entropy(self.mask_outputs(logits), y)
+        """The loss whose BP gradient ``align`` compares against: the cross-entropy of :meth:`class_loss`."""
+        return self.class_loss(logits, y)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.mask_outputs(self.net(x))
 
-    # ----- multi-head outputs (task-incremental learning) ----------------------------------
-    def restrict_outputs(self, classes: Sequence[int] | None) -> None:
-        """Let only ``classes`` compete in the task loss and in predictions (None: all classes).
+    # ----- class losses, over the active classes (multi-head outputs, soft targets) ----------
+    # Every class loss of every rule goes through these methods: the task loss, a local rule's
+    # auxiliary and head losses, the targets built from the labels. ``y`` is class indices (B,) or
+    # target probabilities (B, C) (soft targets, e.g. for distillation), as ``step`` takes it.
+    def class_loss(self, scores: torch.Tensor, y: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+        """``kind`` (ce, mse, hinge) of class scores ``scores`` (B, C) against ``y``, mean over the batch, over
+        the active classes only (:func:`class_loss`): the others get no gradient."""
+        return class_loss(scores, y, kind, self.output_mask(scores))
 
-        This is a per-task head carved out of the shared output layer: the other classes' logits
-        get -inf, so they take no probability mass and receive no error.
+    def target_distribution(self, y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(B, C) target probabilities for ``y`` (one-hot rows of indices, or soft targets as they are), zero
+        outside the active classes and renormalised over them (:func:`target_distribution`)."""
+        return target_distribution(y, self.net.num_classes, self.output_mask(y), dtype)
+
+    def masked_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Class scores (B, ..., C) for a loss a rule writes itself: the inactive classes' at the most negative
+        finite number (:func:`masked_scores`: no probability mass, no gradient, no NaN)."""
+        mask = self.output_mask(scores)
+        return scores if mask is None else masked_scores(scores, mask)
+
+    def output_mask(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """The active classes as a bool tensor broadcasting against ``scores`` (B, ..., C), or against the
+        targets ``y`` (B,) / (B, C); None when every class is active."""
+        mask = self.active_classes
+        if mask is None:
+            return None
+        if mask.dim() == 2:
+            if len(mask) != len(scores):
+                raise ValueError(f"the per-sample output mask (restrict_outputs) has {len(mask)} rows for a batch "
+                                 f"of {len(scores)}")
+            mask = mask.view(len(mask), *[1] * (scores.dim() - 2), mask.shape[1])
+        return mask.to(scores.device)
+
+    # ----- multi-head outputs (task-incremental learning) ----------------------------------
+    def restrict_outputs(self, classes: Sequence[int] | torch.Tensor | None) -> None:
+        """Let only some classes compete in every class loss and in predictions (None: all classes).
+
+        A per-task head carved out of the shared output layer. ``classes``: class ids (a list or an
+        integer tensor) or a bool (C,) mask, one head for the whole batch; or a bool (B, C) mask,
+        row b the head of sample b of the batches that follow (task-incremental replay: replayed
+        samples answer in their own task's head). Predictions and evaluation take a (C,) form.
+        The inactive classes take no probability mass and receive no error in any class loss
+        (:meth:`class_loss`, :meth:`target_distribution`, :meth:`masked_scores`); their logits are
+        -inf in predictions (:meth:`logits`). The mask is kept as ``active_classes``.
         """
         if classes is None:
             self.active_classes = None
             return
-        mask = torch.zeros(self.net.num_classes, dtype=torch.bool)
-        mask[list(classes)] = True
-        self.active_classes = mask
+        num_classes = self.net.num_classes
+        if isinstance(classes, torch.Tensor) and classes.dtype == torch.bool:
+            if classes.dim() not in (1, 2) or classes.shape[-1] != num_classes:
+                raise ValueError(f"an output mask is (C,) or (B, C) with C = {num_classes}, got {tuple(classes.shape)}")
+            mask = classes
+        else:
+            mask = torch.zeros(num_classes, dtype=torch.bool)
+            mask[classes.tolist() if isinstance(classes, torch.Tensor) else list(classes)] = True
+        self.active_classes = mask.to(next(self.net.parameters()).device)
 
     def mask_outputs(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.active_classes is None:
-            return logits
-        return logits.masked_fill(~self.active_classes.to(logits.device), float("-inf"))
+        """Logits for predictions: the inactive classes' at -inf."""
+        mask = self.output_mask(logits)
+        return logits if mask is None else logits.masked_fill(~mask, float("-inf"))
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called by the Trainer before each epoch (0-based); schedules hook in here."""
+
+    def needs_start_epoch(self) -> bool:
+        """True while the rule cannot train: its schedule depends on the epoch and :meth:`start_epoch`
+        was never called (:meth:`step` then refuses, rather than train outside the schedule)."""
+        return False
 
     def statistics(self) -> dict[str, Any]:
         """Rule-specific figures for result.json (JSON-serialisable)."""
@@ -381,7 +496,13 @@ class Rule(nn.Module):
             p.grad = None
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
-        """One training step: the rule's credit assignment, then the optimisers; the logged figures."""
+        """One training step: the rule's credit assignment, then the optimisers; the logged figures.
+
+        A rule on a per-epoch schedule (:meth:`needs_start_epoch`) refuses to step until
+        :meth:`start_epoch` was called."""
+        if self.needs_start_epoch():
+            raise UserError(f"rule {self.name} follows a per-epoch schedule: call rule.start_epoch(epoch, epochs) "
+                            f"before each epoch's steps (the Trainer and lc.fit do)")
         self.net.train()
         self.zero_grad()
         stats = self.assign_credit(x, y)

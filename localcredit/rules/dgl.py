@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import option, register
-from .local_classifier import POOLED_SIZE, LocalLossRule
+from .local_loss import POOLED_SIZE, LocalLossRule
 
 
 @dataclass
@@ -85,7 +85,7 @@ class DecoupledGreedy(LocalLossRule):
     def block_loss(self, l: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         if str(l) not in self.auxiliary:
             return None  # inside a module: its error comes from the module's end
-        return nn.functional.cross_entropy(self.auxiliary[str(l)](h), y)
+        return self.class_loss(self.auxiliary[str(l)](h), y)
 
     def auxiliary_parameters(self, l: int) -> list[nn.Parameter]:
         return list(self.auxiliary[str(l)].parameters()) if str(l) in self.auxiliary else []

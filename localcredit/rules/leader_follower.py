@@ -23,7 +23,7 @@ import functools
 import itertools
 import math
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..nets.layers import WeightOp, replaced_weight_forwards, weight_op
+from ..nets.layers import ReplacedWeightLayers, WeightOp, weight_op
 from .base import StepFigures, option, register
-from .local_classifier import LocalLossRule, block_features, feature_size
+from .local_loss import LocalLossRule, block_features, feature_size
 
 
 @dataclass
@@ -148,15 +148,19 @@ class GroupedWorkerHead(nn.Module):
 
 
 def worker_losses(worker_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, N, C) logits -> (B, N) cross-entropy of every worker on every sample, in one call."""
-    batch, workers, _ = worker_logits.shape
+    """(B, N, C) logits -> (B, N) cross-entropy of every worker on every sample, in one call; ``y`` is
+    class indices (B,) or target probabilities (B, C)."""
+    batch, workers, classes = worker_logits.shape
+    soft = y.is_floating_point()
     # Classes on dim 1, as cross_entropy takes (B, C, d) inputs: log-softmax over a last dimension
     # of size C = 10 is several times slower on CPU. A grouped head's logits are an (N, C, B) tensor
     # already: taken as N samples of B positions, they need no copy.
     by_worker = worker_logits.permute(1, 2, 0)
     if by_worker.is_contiguous():
-        return F.cross_entropy(by_worker, y.expand(workers, batch), reduction="none").t()
-    return F.cross_entropy(worker_logits.transpose(1, 2), y[:, None].expand(batch, workers), reduction="none")
+        target = y.t().expand(workers, classes, batch) if soft else y.expand(workers, batch)
+        return F.cross_entropy(by_worker, target, reduction="none").t()
+    target = y[:, :, None].expand(batch, classes, workers) if soft else y[:, None].expand(batch, workers)
+    return F.cross_entropy(worker_logits.transpose(1, 2), target, reduction="none")
 
 
 def select_leaders(losses: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,9 +171,15 @@ def select_leaders(losses: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return mask, chosen.indices.gather(1, chosen.values.argmin(1, keepdim=True)).view(-1)
 
 
-def leader_follower_loss(worker_logits: torch.Tensor, y: torch.Tensor, k: int,
-                         follower_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_lead + follower_weight * L_follow averaged over the batch, and the (B, N) leader mask."""
+def leader_follower_loss(worker_logits: torch.Tensor, y: torch.Tensor, k: int, follower_weight: float,
+                         active_classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_lead + follower_weight * L_follow averaged over the batch, and the (B, N) leader mask.
+
+    With a task head, ``worker_logits`` come with the inactive classes masked (:meth:`Rule.masked_scores`:
+    every worker has the same score there, so they add nothing to ||o_i - o_j*||) and ``active_classes``
+    counts each sample's active classes, (B,) or one for all: the C of L_follow's 1/C. ``y``: class
+    indices (B,) or target probabilities (B, C).
+    """
     batch, workers, classes = worker_logits.shape
     losses = worker_losses(worker_logits, y)
     leaders, best = select_leaders(losses, k)
@@ -178,7 +188,11 @@ def leader_follower_loss(worker_logits: torch.Tensor, y: torch.Tensor, k: int,
     if workers > k and follower_weight > 0:
         best_logits = worker_logits.detach().gather(1, best.view(batch, 1, 1).expand(batch, 1, classes))
         distance = (worker_logits - best_logits).square().sum(2)  # C * (1/C)||o_i - sg(o_j*)||^2
-        loss = loss + (distance * ~leaders).sum() * (follower_weight / (classes * (workers - k) * batch))
+        if active_classes is None:
+            loss = loss + (distance * ~leaders).sum() * (follower_weight / (classes * (workers - k) * batch))
+        else:
+            per_sample = (distance * ~leaders).sum(1) / active_classes
+            loss = loss + per_sample.sum() * (follower_weight / ((workers - k) * batch))
     return loss, leaders
 
 
@@ -208,8 +222,11 @@ class LeaderFollowerLocal(LocalLossRule):
         return self.worker_heads[l](block_features(h)).reshape(len(h), self.config.workers, self.net.num_classes)
 
     def block_loss(self, l: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss, leaders = leader_follower_loss(self.worker_logits(l, h), y, self.config.leaders,
-                                             self.config.follower_weight)
+        logits, active = self.worker_logits(l, h), self.output_mask(y)
+        if y.is_floating_point():
+            y = self.target_distribution(y, logits.dtype)
+        loss, leaders = leader_follower_loss(self.masked_scores(logits), y, self.config.leaders,
+                                             self.config.follower_weight, None if active is None else active.sum(-1))
         self.leader_counts[l] += leaders.sum(0)
         if l == 0:
             # Counted where every sample passes once, so a block pipeline counts on one process only.
@@ -321,12 +338,11 @@ class _SharedWeightGradient(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
-def _recorded_forward(module: nn.Module, op: WeightOp, calls: list[_WeightLayerCall], passes: _Passes,
-                      x: torch.Tensor) -> torch.Tensor:
-    x = op.prepare_input(module, x)
+def _recorded_forward(calls: dict[nn.Module, list[_WeightLayerCall]], passes: _Passes, name: str,
+                      module: nn.Module, op: WeightOp, x: torch.Tensor) -> torch.Tensor:
     call = _WeightLayerCall()
     call.output = _SharedWeightGradient.apply(x, module.weight, module.bias, call, passes, op, module)
-    calls.append(call)
+    calls[module].append(call)  # the list of the module's block
     return call.output
 
 
@@ -350,13 +366,12 @@ class LeaderFollower(LeaderFollowerLocal):
     @contextmanager
     def _shared_weight_gradients(self) -> Iterator[tuple[list[list[_WeightLayerCall]], _Passes]]:
         """While inside, the hidden blocks' registered weight layers record their calls (per block)."""
-        calls: list[list[_WeightLayerCall]] = [[] for _ in self.net.blocks]
+        hidden = range(len(self.net.blocks))
+        calls: list[list[_WeightLayerCall]] = [[] for _ in hidden]
+        block_calls = {module: calls[l] for l in hidden for module in self.net.layers[l].modules()}
         passes = _Passes()
-        with ExitStack() as stack:
-            for l, block in enumerate(self.net.blocks):
-                stack.enter_context(replaced_weight_forwards(block.named_modules(), lambda name, module, op, l=l:
-                                                             functools.partial(_recorded_forward, module, op,
-                                                                               calls[l], passes)))
+        with ReplacedWeightLayers(((name, module) for l in hidden for name, module in self.net.layers[l].named_modules()),
+                                  functools.partial(_recorded_forward, block_calls, passes)):
             try:
                 yield calls, passes
             finally:
@@ -375,15 +390,15 @@ class LeaderFollower(LeaderFollowerLocal):
                     break  # h is the logits
                 loss = self.block_loss(l, h, y)
                 if h_in.requires_grad:
-                    self._worker_loss_backward(loss, self.net.blocks[l], self.worker_heads[l], calls[l], passes)
+                    self._worker_loss_backward(loss, self.net.layers[l], self.worker_heads[l], calls[l], passes)
                 else:
                     # Nothing below to keep the worker loss from: it rides the global pass whole, and the
                     # block's other layers (activations, pooling) are backpropagated once, not twice.
                     with_global = with_global + loss
                 total += loss.detach()
-            head_loss = F.cross_entropy(h, y)
+            head_loss = self.class_loss(h, y)
             # The head's own loss (as in lfnn-l) reaches the head only; the global copy reaches every block.
-            head_loss.backward(inputs=list(self.net.head.parameters()), retain_graph=True)
+            head_loss.backward(inputs=list(self.net.layers[-1].parameters()), retain_graph=True)
             (self.config.global_weight * head_loss + with_global).backward()
         total += (1 + self.config.global_weight) * head_loss.detach()
         return {"loss": total.detach(), "head_loss": head_loss.detach()}

@@ -10,7 +10,8 @@ block l learns from a loss on its own output h_l alone, its input detached (no e
   ``dim_in_decoder`` features;
 * sim: S(z) is the B x B cosine-similarity matrix of the batch's vectors z, each flattened and
   centred on its own mean; P_l is a 3x3 convolution (C -> C, no bias) for a conv block and the
-  identity for a dense one; Y is the one-hot labels, so S(Y) says which samples share a class.
+  identity for a dense one; Y is the one-hot labels (or the soft targets, as :meth:`Rule.target_distribution`
+  gives them), so S(Y) says which samples share a class.
 
 ``loss=pred`` or ``loss=sim`` keeps one term alone (weight 1). ``bio`` is the paper's variant
 without weight transport inside the auxiliary losses: the sim target is a fixed random projection
@@ -34,7 +35,7 @@ from ..errors import UserError
 from ..nets.layers import swapped_input_gradients, weight_layers, weight_op
 from .base import option, register
 from .feedback import random_feedback
-from .local_classifier import LocalLossRule
+from .local_loss import LocalLossRule
 
 #: Features of the fixed random projection of the one-hot labels that is the sim target with ``bio``.
 BIO_TARGET_FEATURES = 128
@@ -133,7 +134,8 @@ class PredSim(LocalLossRule):
         return getattr(self, f"feedback_{self.feedback_index[name]}")
 
     def sim_target(self, y: torch.Tensor) -> torch.Tensor:
-        target = F.one_hot(y, self.net.num_classes).to(self.target_dtype())
+        """Y of S(Y): the target distributions (one-hot rows for class indices), randomly projected with ``bio``."""
+        target = self.target_distribution(y, self.target_dtype())
         return target @ self.target_projection if self.config.bio else target
 
     def target_dtype(self) -> torch.dtype:
@@ -145,7 +147,7 @@ class PredSim(LocalLossRule):
         loss = h.new_zeros(())
         with swapped_input_gradients(self.decoders, self.feedback) if self.config.bio else nullcontext():
             if pred_weight:
-                loss = loss + pred_weight * F.cross_entropy(decoders.predict(h), y)
+                loss = loss + pred_weight * self.class_loss(decoders.predict(h), y)
             if sim_weight:
                 loss = loss + sim_weight * sim_loss(decoders.project(h), self.sim_target(y))
         return loss
