@@ -18,6 +18,8 @@ import torch
 from . import rules
 from . import spec as spec_options
 from .bench.align import MEANING, measured_on, trained_rule
+from .continual.experiment import NOT_USED as CONTINUAL_NOT_USED
+from .continual.experiment import ContinualSpec
 from .data import describe_all
 from .data.streaming import StreamedDataset
 from .errors import UserError, did_you_mean
@@ -28,7 +30,6 @@ from .experiment import (
     prepare,
     read_config,
     resolve_device,
-    run_info,
     samples,
     spec_from,
 )
@@ -40,10 +41,8 @@ from .training.runfiles import (
     Interrupted,
     claim_out_dir,
     exit_process,
-    hold_run_folder,
     keep_stop_signals_until_exit,
     parse_checkpoint_every,
-    remove_temporaries,
 )
 from .training.trainer import Parallelism
 
@@ -244,33 +243,37 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 
 def cmd_continual(args: argparse.Namespace) -> int:
-    from .continual import runner as continual
-    from .continual.scenarios import SCENARIOS, make_stream
-    from .experiment import build_rule, load_data, train_config, validate
+    from .continual.experiment import ContinualSpec, continual_spec, run_continual
 
     _set_threads(args.threads)
-    if args.scenario not in SCENARIOS:
-        raise UserError(f"unknown --scenario {args.scenario!r}; choose from {', '.join(SCENARIOS)}")
-    spec = _spec(args, epochs=1)  # epochs per task
-    validate(spec)
-    data = load_data(spec)
-    if isinstance(data, StreamedDataset):
-        raise UserError(f"continual learning needs data that fits in memory; {spec.data} is streamed from disk")
-    stream = make_stream(data, args.scenario, args.tasks, seed=spec.seed)
-    rule = build_rule(spec, data)
-    out = Path(args.out or f"runs/continual/{args.scenario}/{default_out_dir(spec).split('/', 1)[1]}")
-    claim_out_dir(out, False, args.overwrite, can_resume=False)
-    with hold_run_folder(out):  # no other process works in `out` until this one has written its result
-        remove_temporaries(out)
-        matrix = continual.run_stream(rule, stream, train_config(spec, progress=not args.quiet))
-        result = {**run_info(spec, rule), "scenario": args.scenario, "tasks": args.tasks,
-                  "epochs_per_task": spec.epochs,
-                  "task_classes": [task.classes for task in stream], **continual.summarise(matrix),
-                  "command": "localcredit " + shlex.join(args.argv)}
-        continual.save(result, out, f"{spec.rule} on {args.scenario} {spec.data}")
+    spec = continual_spec(args.config, spec_options.given(args, ContinualSpec))
+    out = Path(args.out or f"runs/continual/{spec.scenario}/{spec.strategy}/"
+                           f"{default_out_dir(spec).split('/', 1)[1]}")
+    parse_checkpoint_every(args.checkpoint_every)
+    result = run_continual(spec, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+                           command="localcredit " + shlex.join(args.argv), resume_hint=_resume_command(args.argv),
+                           checkpoint_every=args.checkpoint_every)
     forgetting = result["forgetting"]
-    print(f"{spec.rule} {args.scenario} {spec.data}: average_accuracy {result['average_accuracy']:.4f}, "
-          f"forgetting {'n/a' if forgetting is None else f'{forgetting:.4f}'} -> {out}/result.json")
+    print(f"{spec.rule} + {spec.strategy} {spec.scenario} {spec.data}: average_accuracy "
+          f"{result['average_accuracy']:.4f}, forgetting {'n/a' if forgetting is None else f'{forgetting:.4f}'} "
+          f"-> {out}/result.json")
+    return 0
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from .continual import strategies
+
+    listing = {name: {"description": summary, "scenarios": list(strategies.get(name).kinds),
+                      "options": rules.describe_options(strategies.get(name).Config)}
+               for name, summary in strategies.available().items()}
+    if args.json:
+        print(json.dumps(listing, indent=2, default=str))
+        return 0
+    for name, entry in listing.items():
+        print(f"{name:12s} {entry['description']}")
+        print(f"{'':12s}   scenarios: {', '.join(k + '-incremental' for k in entry['scenarios'])}")
+        for opt in entry["options"]:
+            print(f"{'':12s}   --strategy-set {opt['name']}=<{opt['type']}> (default {opt['default']}): {opt['help']}")
     return 0
 
 
@@ -284,14 +287,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench.runner import BenchOptions, estimate, get_suite, run_bench, with_seeds
 
-    suite = with_seeds(get_suite(args.suite), args.seeds)
     names = [n.strip() for n in args.rules.split(",") if n.strip()] if args.rules is not None else None
-    cases = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases is not None else None
-    if args.device is not None:
-        resolve_device(args.device)  # a device this machine lacks is refused before any run starts
     cores = os.cpu_count() or 1
     workers = max(1, min(4, cores)) if args.workers is None else args.workers
     threads = max(1, cores // max(workers, 1)) if args.threads is None else args.threads
+    if args.suite == "continual":
+        return _bench_continual(args, names, workers, threads)
+    if args.quick:
+        raise UserError("--quick applies to --suite continual (the train suites' short one is --suite quick)")
+    suite = with_seeds(get_suite(args.suite), args.seeds)
+    cases = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases is not None else None
+    if args.device is not None:
+        resolve_device(args.device)  # a device this machine lacks is refused before any run starts
     options = BenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
                            workers=workers, threads=threads, resume=args.resume, overwrite=args.overwrite,
                            progress=not args.quiet, command="localcredit " + shlex.join(args.argv),
@@ -300,6 +307,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.estimate:
         return _print_estimate(estimate(options), workers)
     summary = run_bench(options)
+    print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
+          f"{options.out}/: {', '.join(summary['files'])}")
+    return 0
+
+
+def _bench_continual(args: argparse.Namespace, names: list[str] | None, workers: int, threads: int) -> int:
+    """``bench --suite continual [--quick]``: every rule x strategy x split-MNIST scenario (bench/continual_suite.py)."""
+    from .bench.continual_suite import ContinualBenchOptions, get_continual_suite, run_continual_bench, with_seeds
+
+    unused = [flag for flag, given in (("--cases", args.cases is not None), ("--device", args.device is not None),
+                                       ("--estimate", args.estimate)) if given]
+    if unused:
+        raise UserError(f"{', '.join(unused)}: not for the continual suite (its runs train on the CPU; docs/bench.md "
+                        f"gives its estimate)")
+    suite = with_seeds(get_continual_suite(args.quick), args.seeds)
+    options = ContinualBenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
+                                    workers=workers, threads=threads, progress=not args.quiet,
+                                    command="localcredit " + shlex.join(args.argv), resume=args.resume,
+                                    overwrite=args.overwrite, resume_hint=_resume_command(args.argv))
+    summary = run_continual_bench(options)
     print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
           f"{options.out}/: {', '.join(summary['files'])}")
     return 0
@@ -367,17 +394,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure the trained network of the run folder OUT (its config.yaml and checkpoint.pt) "
                         "instead of a new one; no --rule, --data or network options then")
     p.set_defaults(func=cmd_align)
-    p = sub.add_parser("continual", help="train tasks in sequence, evaluate all after each (forgetting); "
-                                         "--epochs and --limit-train count per task (default 1 epoch)")
-    _add_run_options(p)
-    p.add_argument("--scenario", required=True, help="permuted | split-class | split-task")
-    p.add_argument("--tasks", type=int, default=5)
-    _add_output_options(p, "runs/continual/<scenario>/<rule>-<data>-seed<s>", can_resume=False)
+    p = sub.add_parser("continual", help="train tasks in sequence under a strategy, evaluate all after each "
+                                         "(accuracy matrix, forgetting); see docs/continual.md")
+    p.add_argument("--config", default=None, metavar="RUN.yaml",
+                   help="read the run's options from a YAML file (OUT/config.yaml of any continual run); "
+                        "options on the command line override it")
+    spec_options.add_arguments(p, ContinualSpec, exclude=CONTINUAL_NOT_USED)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _add_output_options(p, "runs/continual/<scenario>/<strategy>/<rule>-<data>-seed<s>; --resume continues a "
+                           "stopped run from its checkpoint")
+    p.add_argument("--checkpoint-every", default="10m", metavar="N|TIME",
+                   help="also checkpoint within a task: every N steps (500) or every TIME (10m, 30s, 1h), or off "
+                        "(default %(default)s); checkpoints are always written at a task's end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_continual)
 
+    p = sub.add_parser("strategies", help="list the continual-learning strategies and their options")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_strategies)
+
     p = sub.add_parser("bench", help="run a benchmark suite: every rule x data set x seed -> table and plots")
-    p.add_argument("--suite", required=True, help="smoke | quick | full | conv | paper (see docs/bench.md)")
+    p.add_argument("--suite", required=True, help="smoke | quick | full | conv | paper | continual (see docs/bench.md)")
+    p.add_argument("--quick", action="store_true",
+                   help="continual suite: its short version (3 rules x 3 strategies x 2 scenarios, 300 steps per task)")
     _add_output_options(p, "runs/bench/<suite>; with --resume, finished runs are skipped")
     p.add_argument("--seeds", type=int, default=None, help="seeds per rule and data set (default: the suite's)")
     p.add_argument("--rules", default=None, help="comma-separated subset of rows: rules, or a paper suite's pred, sim "

@@ -226,8 +226,10 @@ def read_json(path: str | Path, what: str = "result file") -> dict[str, Any]:
 CHECKPOINT_KEYS = ("epochs_done", "fingerprint", "rule", "history")
 
 
-def load_checkpoint(path: Path, device: torch.device | str) -> dict[str, Any]:
-    """A Trainer checkpoint; a truncated, random or foreign file is one line naming it (UserError)."""
+def load_checkpoint(path: Path, device: torch.device | str, keys: tuple[str, ...] = CHECKPOINT_KEYS,
+                    kind: str = "training") -> dict[str, Any]:
+    """A checkpoint holding ``keys`` (default: a Trainer's); a truncated, random or foreign file is one line
+    naming it (UserError)."""
     damaged = f"the checkpoint {path} is damaged or incomplete"
     try:
         state = torch.load(path, map_location=device, weights_only=True)
@@ -237,8 +239,8 @@ def load_checkpoint(path: Path, device: torch.device | str) -> dict[str, Any]:
             raise UserError(f"cannot read the checkpoint {path}: {exc.strerror}") from None
         raise UserError(f"{damaged} (torch.load: {_first_line(exc)}); delete it to start over, "
                         f"or use another --out") from None
-    if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
-        raise UserError(f"{path} is not a localcredit training checkpoint; use another --out")
+    if not isinstance(state, dict) or any(key not in state for key in keys):
+        raise UserError(f"{path} is not a localcredit {kind} checkpoint; use another --out")
     return state
 
 
