@@ -223,7 +223,7 @@ SUITES: dict[str, Suite] = {
 
 def get_suite(name: str) -> Suite:
     if name not in SUITES:
-        raise UserError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+        raise UserError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}, continual")  # continual_suite.py
     return SUITES[name]
 
 

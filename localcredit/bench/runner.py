@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -129,21 +130,30 @@ def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: i
               desc: str, device: str | None = None) -> tuple[int, int]:
     """Train every unfinished run of a stage, ``workers`` at a time; return (trained now, skipped as finished)."""
     todo = [run for run in runs if not is_finished(read_result(run.folder(out)))]
+    failed = run_pool(todo, lambda run: train_one(run, suite, out, threads, device), workers, progress, desc,
+                      label=lambda run: run.entry.label, ok_codes=(0, 1))  # 1 = diverged, recorded in its result.json
+    TRAININGS.check()
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed; see log.txt in {failed[0].folder(out)}")
+    return len(todo), len(runs) - len(todo)
+
+
+def run_pool(jobs: Sequence, start: Callable[[Any], int | None], workers: int, progress: bool, desc: str,
+             label: Callable[[Any], str] = str, ok_codes: tuple[int, ...] = (0,)) -> list:
+    """Start every job (``start``: a process's exit code, None when a stop kept it from starting), ``workers``
+    at a time; return the jobs that failed: an exit code outside ``ok_codes`` that no stop signal explains."""
     failed = []
     with ThreadPoolExecutor(max_workers=workers) as pool:  # threads only wait: each run is its own process
-        futures = {pool.submit(train_one, run, suite, out, threads, device): run for run in todo}
+        futures = {pool.submit(start, job): job for job in jobs}
         bar = tqdm(as_completed(futures), total=len(futures), desc=desc, unit="run", disable=not progress or None,
                    file=sys.stderr)
         for future in bar:
             code = future.result()
             stopped = TRAININGS.stopping and code in (None, 128 + TRAININGS.stopping)
-            if code not in (0, 1) and not stopped:  # 1 = diverged, recorded in its result.json
-                failed.append(futures[future].folder(out))
-            bar.set_postfix_str(futures[future].entry.label)
-    TRAININGS.check()
-    if failed:
-        raise RuntimeError(f"{len(failed)} run(s) failed; see log.txt in {failed[0]}")
-    return len(todo), len(runs) - len(todo)
+            if code not in ok_codes and not stopped:
+                failed.append(futures[future])
+            bar.set_postfix_str(label(futures[future]))
+    return failed
 
 
 def train_one(run: Run, suite: Suite, out: Path, threads: int, device: str | None = None) -> int | None:
