@@ -27,7 +27,8 @@ demo: data
 
 test: data
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/mypy
+	$(BIN)/python tests/run_shards.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (no usage dump), exit code 2, and starts as every other
     error does (``localcredit: error:``, whatever the command); a misspelled option gets a suggestion."""
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_known_args(self, args=None, namespace=None):
         self._argv = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(args, namespace)
 
@@ -107,8 +108,9 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    listing = {name: {"description": summary, "options": rules.describe_options(rules.get(name).Config)}
-               for name, summary in rules.available().items()}
+    listing: dict[str, dict[str, Any]] = {
+        name: {"description": summary, "options": rules.describe_options(rules.get(name).Config)}
+        for name, summary in rules.available().items()}
     if args.json:
         print(json.dumps(listing, indent=2, default=str))
         return 0
@@ -263,9 +265,10 @@ def cmd_continual(args: argparse.Namespace) -> int:
 def cmd_strategies(args: argparse.Namespace) -> int:
     from .continual import strategies
 
-    listing = {name: {"description": summary, "scenarios": list(strategies.get(name).kinds),
-                      "options": rules.describe_options(strategies.get(name).Config)}
-               for name, summary in strategies.available().items()}
+    listing: dict[str, dict[str, Any]] = {
+        name: {"description": summary, "scenarios": list(strategies.get(name).kinds),
+               "options": rules.describe_options(strategies.get(name).Config)}
+        for name, summary in strategies.available().items()}
     if args.json:
         print(json.dumps(listing, indent=2, default=str))
         return 0

@@ -109,6 +109,7 @@ def test_widen_only_at_an_edge():
     assert widen([1, 3, 9], 3, 3) is None
 
 
+@pytest.mark.slow
 def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path):
     options = BenchOptions(suite=TINY, out=tmp_path, rule_names=["bp", "local-random"], workers=2, threads=1,
                            progress=False, command="pytest tiny suite")
@@ -244,6 +245,7 @@ def test_the_lfnn_and_biotorch_cases_train_their_published_networks():
         validate_suite(case, suite_entries(case))
 
 
+@pytest.mark.slow
 def test_a_tiny_conv_suite_writes_results_with_the_published_column(tmp_path, capsys):
     tiny = replace(SUITES["conv"], datasets=("fashion-mnist",), limit_train=600, tune_limit_train=300, epochs=1,
                    lr_span=0, lr_extensions=0, recipe={**SUITES["conv"].recipe, "milestones": [1]})

@@ -31,6 +31,9 @@ from localcredit.training.parallel import rank_seed
 from localcredit.training.runfiles import CHECKPOINT, RESULT
 from localcredit.training.trainer import Parallelism, Trainer
 
+#: Every test here starts processes (torch.distributed): `pytest -m "not distributed"` leaves them out.
+pytestmark = pytest.mark.distributed
+
 TIMEOUT_S = 120
 
 

@@ -269,6 +269,7 @@ def wait_for(path: Path, proc: subprocess.Popen) -> None:
     ["--rule", "lfnn-l", "--hidden", "128,128", "--procs", "2", "--parallel", "blocks"],
     ["--rule", "bp", "--arch", "vgg", "--channels", "4,M,8,M", "--hidden", "16", "--dropout", "0.1", "--procs", "2"],
 ])
+@pytest.mark.slow
 def test_sigterm_in_epoch_2_exits_143_and_resume_reaches_the_uninterrupted_accuracy(npz, tmp_path, layout):
     command = train_command(npz, tmp_path / "stopped", *layout, "--checkpoint-every", "off")
     straight = subprocess.Popen(train_command(npz, tmp_path / "straight", *layout), stdout=subprocess.PIPE,

@@ -26,6 +26,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from .. import rules
 from ..continual import strategies
@@ -202,7 +203,7 @@ def lr_of(entry: Entry, suite: ContinualSuite) -> float:
 def spec_of(run: SuiteRun, suite: ContinualSuite) -> ContinualSpec:
     """The run as a ContinualSpec: what its command line is written from. Tuning runs train on the validation
     split, with fewer steps per task and no accuracy curve (only their final accuracy is used)."""
-    tuning = {"data": VALIDATION_PREFIX + suite.data, "steps_per_task": suite.tune_steps_per_task,
+    tuning: dict[str, Any] = {"data": VALIDATION_PREFIX + suite.data, "steps_per_task": suite.tune_steps_per_task,
               "curve_every": 0} if run.stage == "tune" else {"data": suite.data, "steps_per_task": suite.steps_per_task}
     return ContinualSpec(
         rule=run.entry.rule, options=list(run.entry.options), arch=run.entry.arch, hidden=list(suite.hidden),

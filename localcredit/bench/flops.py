@@ -7,7 +7,8 @@ A training step of BP costs about three forwards (forward, input gradients, weig
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ def _linear_flops(layer: nn.Linear, output: torch.Tensor) -> int:
 
 
 #: Per counted layer type: FLOPs of one sample, from the layer and its (batched) output.
-COUNTERS = {nn.Conv2d: _conv_flops, nn.Linear: _linear_flops}
+COUNTERS: dict[type[nn.Module], Callable[[Any, torch.Tensor], int]] = {nn.Conv2d: _conv_flops, nn.Linear: _linear_flops}
 
 
 def forward_flops(net: nn.Module, input_shape: Sequence[int]) -> int:

@@ -172,7 +172,8 @@ def measure_steps(rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) ->
     gc.freeze()
     meter = StepMemoryMeter([*rule.state_dict(keep_vars=True).values(), *gradient_and_state_tensors(rule),
                              *(t for batch in batches for t in batch)])
-    steps, left_out = [], set()
+    steps: list[tuple[StepMemory, tuple[int, int]]] = []
+    left_out: set[int] = set()
     try:
         with meter:
             for x, y in batches:
@@ -221,7 +222,9 @@ def step_memory(rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], warm
               "step_gradient_mb": max(f.gradient_bytes for f in figures) / MB,
               "step_kept_mb": max(f.kept_bytes for f in figures) / MB}
     if figures[0].cuda_peak_bytes is not None:
-        result["cuda_step_peak_mb"] = max(f.cuda_peak_bytes for f in figures) / MB
+        cuda_peaks = [f.cuda_peak_bytes for f in figures if f.cuda_peak_bytes is not None]
+        assert len(cuda_peaks) == len(figures)  # one device for all the batches: every step has a CUDA peak
+        result["cuda_step_peak_mb"] = max(cuda_peaks) / MB
     return result
 
 

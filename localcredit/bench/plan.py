@@ -154,8 +154,9 @@ LOCAL_LOSS_SOURCE = ("anokland/local-loss run_experiments.sh and train.py defaul
 def local_loss_case(network: str, data: str, net: NetSpec, epochs: int, milestones: dict, published: dict,
                     decoder: bool) -> Suite:
     """One of local-loss's run_experiments.sh blocks: bp / pred / sim / predsim on one network and data set."""
-    decoder_rows = {"pred": {}, "predsim": {"options": ["dim_in_decoder=1024"]}} if decoder else {}
-    rows = {"sim": LEAKY, "predsim": {**LEAKY, **decoder_rows.get("predsim", {})}}
+    decoder_rows: dict[str, dict[str, Any]] = (
+        {"pred": {}, "predsim": {"options": ["dim_in_decoder=1024"]}} if decoder else {})
+    rows: dict[str, dict[str, Any]] = {"sim": LEAKY, "predsim": {**LEAKY, **decoder_rows.get("predsim", {})}}
     return Suite(f"local-loss-{network}-{data}", f"local-loss's {network} recipe on {data}", datasets=(data,),
                  network=net, epochs=epochs, seeds=1, rules=LOCAL_LOSS_ROWS,
                  recipe={**LOCAL_LOSS_RECIPE, **milestones, **JITTER[data]}, row_overrides=rows,

@@ -66,6 +66,8 @@ def step_time_ms(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor]
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m localcredit.bench.probe --rule R --data D [network options of train] [--batch-size B]``: one JSON line."""
     from .. import spec as spec_options
+    from ..data.streaming import StreamedDataset
+    from ..errors import UserError
     from ..experiment import RunSpec, build_rule, load_data
     from ..training.config import TrainSpec
 
@@ -80,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     spec = RunSpec(**spec_options.given(args, RunSpec))
     data = load_data(spec)
+    if isinstance(data, StreamedDataset):  # its batches are slices of in-memory tensors
+        raise UserError(f"the probe needs data that fits in memory; {spec.data} is streamed from disk")
     rule = build_rule(spec, data)
     rule.start_epoch(0, spec.epochs)  # the steps of a run's first epoch (a layer-wise schedule needs it)
     b = spec.batch_size

@@ -79,7 +79,7 @@ def add_ratios(rows: list[dict]) -> None:
         for key, ratio in (("ms_per_step", "step_time_ratio_to_bp"), ("seconds_per_epoch", "epoch_time_ratio_to_bp"),
                            ("step_memory_mb", "step_memory_ratio_to_bp"), ("peak_rss_mb", "peak_rss_ratio_to_bp")):
             ok = bp is not None and row.get(key) is not None and bp.get(key)
-            row[ratio] = row[key] / bp[key] if ok else None
+            row[ratio] = row[key] / bp[key] if ok and bp is not None else None  # ok implies bp; said for mypy
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -272,6 +272,7 @@ def probe(entry: Entry, data: str, suite: Suite, out: Path) -> dict:
     done = TRAININGS.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     TRAININGS.check()  # a stop ended (or prevented) the probe: nothing of it is written
+    assert done is not None  # run() gives None only while stopping, and check() has raised then
     if done.returncode != 0:
         raise RuntimeError(f"probing {entry.label} on {data} failed: {done.stderr.strip()[-300:]}")
     payload = {**json.loads(done.stdout.strip().splitlines()[-1]), "data": data}
@@ -347,8 +348,8 @@ def run_bench(options: BenchOptions) -> dict:
 
 def _run_suite(options: BenchOptions, chosen: list[Entry], datasets: dict) -> dict:
     suite, out = options.suite, options.out
-    stage = dict(suite=suite, out=out, workers=options.workers, threads=options.threads, progress=options.progress,
-                 device=options.device)
+    stage: dict[str, Any] = dict(suite=suite, out=out, workers=options.workers, threads=options.threads,
+                                 progress=options.progress, device=options.device)
     trained = []
 
     def train(runs: list[Run], desc: str) -> None:
@@ -360,7 +361,8 @@ def _run_suite(options: BenchOptions, chosen: list[Entry], datasets: dict) -> di
             learning_rates, tune_runs = tune(suite, chosen, out, lambda runs: train(runs, "tuning (validation split)"))
             final = final_runs(suite, chosen, learning_rates)
             train(final, "final runs (test split)")
-            finished_runs = [run for run in final if read_result(run.folder(out)).get("status") == "ok"]
+            # Each has its result.json now: run_stage raised unless every run ended ok or diverged.
+            finished_runs = [run for run in final if (read_result(run.folder(out)) or {}).get("status") == "ok"]
             # One at a time, after the runs: a probe's timing must not share the CPU with anything of ours.
             probes = {e: probe(e, suite.datasets[0], suite, out)
                       for e in tqdm(chosen, desc="probes (step time, memory)", disable=not options.progress or None,

@@ -74,7 +74,7 @@ def _palette_is_colour(palette: ImagePalette.ImagePalette | None) -> bool:
     """False only when the palette, as read from the header, certainly holds grey entries only."""
     # The bytes are in ``rawmode``'s layout when the file gave one (BMP: BGRX), else in ``mode``'s.
     layout = (palette.rawmode or palette.mode) if palette is not None else None
-    if layout not in GREY_CHECKABLE_PALETTES or not isinstance(palette.palette, bytes):
+    if palette is None or layout not in GREY_CHECKABLE_PALETTES or not isinstance(palette.palette, bytes):
         return True  # cannot tell without decoding: colour is the safe choice (no information lost)
     width = len(layout)
     entries = np.frombuffer(palette.palette, dtype=np.uint8)
@@ -180,12 +180,12 @@ def _resize_and_centre_crop(image: Image.Image, size: int) -> Image.Image:
 
 def _decode_image(path: str | Path, grey: bool, image_size: int | None) -> np.ndarray:
     """uint8 pixels, (H, W) when ``grey`` else (H, W, 3), resized and cropped when ``image_size`` is given."""
-    with Image.open(path) as image:
+    with Image.open(path) as opened:
         if image_size is not None:
             # JPEG only (a no-op for other formats): decode at 1/2, 1/4 or 1/8 scale while both sides
             # stay >= image_size, several times faster for photos much larger than the network input.
-            image.draft(None, (image_size, image_size))
-        image = image.convert("L" if grey else "RGB")
+            opened.draft(None, (image_size, image_size))
+        image = opened.convert("L" if grey else "RGB")
     if image_size is not None:
         image = _resize_and_centre_crop(image, image_size)
     return np.array(image)  # a writable copy, which torch.from_numpy needs

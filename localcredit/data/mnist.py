@@ -135,7 +135,8 @@ def _load_idx_dataset(name: str, root: Path, how_to_get: str) -> Dataset:
     missing = [base for key, base, _ in IDX_FILES if paths[key] is None]
     if missing:
         raise UserError(f"{name} files not found in {root} (missing {', '.join(missing)}, .gz or not); {how_to_get}")
-    arrays = {key: read_idx(paths[key], magic) for key, _, magic in IDX_FILES}
+    found = {key: path for key, path in paths.items() if path is not None}  # all of them: none is missing
+    arrays = {key: read_idx(found[key], magic) for key, _, magic in IDX_FILES}
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if len(x) != len(y):

@@ -59,8 +59,8 @@ MNIST_ZARR_ARRAYS = {"train_images": "x_train", "train_labels": "y_train",
                      "test_images": "x_test", "test_labels": "y_test"}
 # Digits per class of the official MNIST: the wheel is pinned, so any other count means a broken
 # download or a different data set (the totals are 60,000 and 10,000).
-MNIST_CLASS_COUNTS = {"train": (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
-                      "test": (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)}
+MNIST_CLASS_COUNTS: dict[str, tuple[int, ...]] = {"train": (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+                                                  "test": (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)}
 
 
 def prepare_all(install_apt: bool = True, log: Log = print) -> int:
@@ -356,7 +356,7 @@ def write_npz_atomically(target: Path, **arrays: np.ndarray) -> None:
                         f"set LOCALCREDIT_CACHE to a writable folder") from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # the stub lets **arrays hit allow_pickle: bool
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is ordinary data

@@ -24,8 +24,9 @@ Errors while decoding in a worker: torch re-raises a worker's exception in the m
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -67,7 +68,8 @@ class StreamedDataset:
         if split not in SPLITS:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         dataset = self.train if split == "train" else self.test
-        checked = _checked_batches(batches, len(dataset))
+        # Both kinds of split (ImageFolderSplit, SVHNSplit) have a length; torch's Dataset type does not say so.
+        checked = _checked_batches(batches, len(cast(Sized, dataset)))
         return DataLoader(dataset, batch_sampler=checked, num_workers=workers, persistent_workers=False,
                           worker_init_fn=_limit_worker_threads if workers > 0 else None)
 

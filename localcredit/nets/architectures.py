@@ -24,7 +24,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from torch import nn
 
@@ -157,7 +157,7 @@ def _image_shape(arch: str, input_shape: tuple[int, ...]) -> tuple[int, int, int
     if len(input_shape) != 3:
         raise UserError(f"--arch {arch} needs image data (C, H, W); this data set has per-sample shape "
                         f"{tuple(input_shape)}")
-    return input_shape  # type: ignore[return-value]
+    return input_shape
 
 
 def dense_layers(n_in: int, n_out: int, spec: NetSpec, norm: str) -> list[nn.Module]:
@@ -246,12 +246,12 @@ def conv_stack(arch: str, layout: Sequence[int | str], spec: NetSpec, norm: str,
         if token == "M":
             plan[-1] = (plan[-1][0], plan[-1][1] + 1)
         else:
-            plan.append((_scaled(token, spec.width), 0))
+            plan.append((_scaled(cast(int, token), spec.width), 0))  # a layout holds channel counts and M
     pools = sum(p for _, p in plan)
     if min(height, width) < 2 ** pools:
         raise UserError(f"images of {height}x{width} are too small for --channels {','.join(map(str, layout))}: "
                         f"its {pools} max-pools need at least {2 ** pools}x{2 ** pools}")
-    blocks = []
+    blocks: list[nn.Module] = []
     for c_out, n_pools in plan:
         pool = None
         if n_pools:
@@ -320,8 +320,8 @@ class ResidualUnit(nn.Module):
             make_activation(activation),
             nn.Conv2d(c_out, c_out, 3, padding=1, bias=not with_norm), *normalised(c_out))
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=not with_norm),
-                                          *normalised(c_out))
+            self.shortcut: nn.Module = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=not with_norm),
+                                                     *normalised(c_out))
         else:
             self.shortcut = nn.Identity()
         self.activation = make_activation(activation)

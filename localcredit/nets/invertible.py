@@ -74,6 +74,7 @@ def orthogonal_linear(n_in: int, n_out: int) -> nn.Linear:
 def orthogonal_patch_conv(in_channels: int, patch: int) -> PatchConv2d:
     layer = PatchConv2d(in_channels, patch)
     nn.init.orthogonal_(layer.weight)  # orthogonal as the (k^2 C) x (C k^2) matrix of each patch
+    assert layer.bias is not None  # PatchConv2d always has one (Conv2d's default bias=True)
     nn.init.zeros_(layer.bias)
     return layer
 

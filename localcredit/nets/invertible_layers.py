@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +157,8 @@ class InvertibleOp:
         """(input change that changes the output by ``delta_out``, estimated relative error of the solve)."""
         raise NotImplementedError
 
-    def write_local_update(self, module: nn.Module, kept: torch.Tensor, signal: torch.Tensor, scale: float) -> None:
+    def write_local_update(self, module: nn.Module, kept: torch.Tensor | None, signal: torch.Tensor,
+                           scale: float) -> None:
         """``.grad`` of the layer's parameters = scale * (d output / d parameters)^T signal, summed over the
         batch; ``kept`` is what :meth:`forward` returned first."""
 
@@ -174,7 +175,8 @@ class SquareMatrixOp(InvertibleOp):
     sample and position. Subclasses say how inputs and outputs map to rows."""
 
     def weight_matrix(self, module: nn.Module) -> torch.Tensor:
-        return module.weight.view(module.weight.shape[0], -1)
+        weight = cast(torch.Tensor, module.weight)  # nn.Module.__getattr__ is typed Tensor | Module
+        return weight.view(weight.shape[0], -1)
 
     def input_rows(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -223,9 +225,10 @@ class SquareMatrixOp(InvertibleOp):
         self.weight_matrix_grad(module)[rows] += 4 * weight * (gram @ m)
 
     def weight_matrix_grad(self, module: nn.Module) -> torch.Tensor:
-        if module.weight.grad is None:
-            module.weight.grad = torch.zeros_like(module.weight)
-        return module.weight.grad.view(module.weight.shape[0], -1)
+        weight = cast(torch.Tensor, module.weight)  # nn.Module.__getattr__ is typed Tensor | Module
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        return weight.grad.view(weight.shape[0], -1)
 
     def orthogonality_error(self, module):
         m = self.weight_matrix(module).detach().double()
@@ -303,7 +306,7 @@ def invertible_op(module: nn.Module) -> InvertibleOp | None:
 
 register_invertible(nn.Linear, DenseOp())
 register_invertible(PatchConv2d, PatchConvOp())
-register_invertible(SpaceToDepth, RearrangementOp(lambda module, y, shape: module.inverse(y)))
+register_invertible(SpaceToDepth, RearrangementOp(lambda module, y, shape: cast(SpaceToDepth, module).inverse(y)))
 register_invertible(nn.Flatten, RearrangementOp(lambda module, y, shape: y.reshape(shape)))
 
 
@@ -312,7 +315,7 @@ class Trace(NamedTuple):
     """One block's forward as target propagation keeps it."""
 
     shapes: list[torch.Size]  # the input of every leaf (rearrangements, then the layer)
-    layer_rows: torch.Tensor  # the weight layer's input as the rows its matrix multiplies
+    layer_rows: torch.Tensor | None  # the weight layer's input as the rows its matrix multiplies
     pre_activation: torch.Tensor
 
 

@@ -34,7 +34,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -108,22 +108,29 @@ def weight_op(module: nn.Module) -> WeightOp | None:
 
 
 # ----- weight layers ---------------------------------------------------------------------------
-def _linear_input_gradient(module: nn.Linear, x: torch.Tensor, kernel: torch.Tensor,
+# A WeightOp's parts take any nn.Module, as the registry stores them; each is registered for (and
+# so only called with) its own layer type, which the casts below name for the type checker.
+def _linear_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight, cast(nn.Linear, module).bias)
+
+
+def _linear_input_gradient(module: nn.Module, x: torch.Tensor, kernel: torch.Tensor,
                            grad_out: torch.Tensor) -> torch.Tensor:
     return (grad_out @ kernel).view(x.shape)
 
 
-def _linear_parameter_gradients(module: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor):
+def _linear_parameter_gradients(module: nn.Module, x: torch.Tensor,
+                                grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     rows = grad_out.reshape(-1, grad_out.shape[-1])
     grad_weight = rows.t() @ x.reshape(-1, x.shape[-1])
     return grad_weight, rows.sum(0) if module.bias is not None else None
 
 
 LINEAR = WeightOp(
-    forward=lambda module, x, weight: F.linear(x, weight, module.bias),
+    forward=_linear_forward,
     input_gradient=_linear_input_gradient,
     parameter_gradients=_linear_parameter_gradients,
-    feedback_fan_in=lambda module: module.out_features,
+    feedback_fan_in=lambda module: cast(nn.Linear, module).out_features,
     functional=F.linear,
 )
 
@@ -134,13 +141,18 @@ def _pads_itself(module: nn.modules.conv._ConvNd) -> bool:
 
 
 def _conv_padding(module: nn.modules.conv._ConvNd) -> tuple[int, ...] | int:
-    return module.padding if _pads_itself(module) else 0
+    padding = module.padding
+    if not _pads_itself(module):
+        return 0
+    assert not isinstance(padding, str)  # _pads_itself is False for string padding ('same', 'valid')
+    return padding
 
 
-def _pad_conv_input(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
+def _pad_conv_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The padding that neither the op nor the layer's own call applies: 'same' zero padding (possibly
     asymmetric). A conv pads itself, before its call, with any mode other than zeros; symmetric zero
     padding (numbers) is the op's."""
+    module = cast(nn.modules.conv._ConvNd, layer)  # registered for (so only called with) convolutions
     if module.padding_mode != "zeros" or module.padding != "same":
         return x
     pairs = []
@@ -320,6 +332,7 @@ def check_layer_math(layers: Sequence[nn.Module], rule: str, why: str) -> None:
 
 # ----- what is registered --------------------------------------------------------------------------
 register_layer(nn.Linear, "weight", LINEAR)
+_cls: type
 for _dims, _cls in enumerate((nn.Conv1d, nn.Conv2d, nn.Conv3d), start=1):
     register_layer(_cls, "weight", _conv_op(_dims))
 

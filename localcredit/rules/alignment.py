@@ -60,9 +60,9 @@ def unchanged(rule: Rule) -> Iterator[None]:
             p.grad = grad
         if not _same(extra, rule.extra_state()):  # only then: loading rebinds what a caller may hold
             rule.load_extra_state(extra)
-        for key, value in plain.items():
-            if vars(rule).get(key) is not value:
-                setattr(rule, key, value)
+        for key, kept in plain.items():
+            if vars(rule).get(key) is not kept:
+                setattr(rule, key, kept)
         for module, training in modes:
             module.training = training
 

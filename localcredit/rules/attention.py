@@ -21,7 +21,7 @@ schedules these local computations from the head down (it carries -A, the gradie
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ class NextLayerAttentionBP(Rule):
         return weight
 
     def layer_kernel(self, name: str, layer: nn.Module) -> torch.Tensor:
-        return self.attention_kernel(layer.weight.detach())
+        return self.attention_kernel(cast(torch.Tensor, layer.weight).detach())  # a weight layer's weight
 
     # ----- the game, one round per batch -------------------------------------------------------
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:

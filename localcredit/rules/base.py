@@ -322,9 +322,11 @@ class Rule(nn.Module):
     @classmethod
     def build_network(cls, spec: NetSpec, input_shape: tuple[int, ...], num_classes: int) -> BlockNet:
         """The network ``spec`` describes (its arch defaulting to the rule's ``default_arch``)."""
-        spec = dataclasses.replace(spec.net_spec(), arch=spec.arch or cls.default_arch)
-        if not cls.trains(spec.arch):
-            raise UserError(f"rule {cls.name} needs --arch {' or '.join(cls.networks)}, not {spec.arch!r}")
+        arch = spec.arch or cls.default_arch
+        spec = dataclasses.replace(spec.net_spec(), arch=arch)
+        if not cls.trains(arch):
+            assert cls.networks is not None  # trains() accepts every arch when networks is None
+            raise UserError(f"rule {cls.name} needs --arch {' or '.join(cls.networks)}, not {arch!r}")
         return build_net(spec, input_shape, num_classes)
 
     @classmethod

@@ -27,7 +27,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, cast
 
 import torch
 
@@ -35,6 +35,15 @@ from ..errors import UserError
 from ..nets.blocknet import BlockNet
 from ..nets.invertible import Factorisation, InvertibleBlock, Trace, check_invertible
 from .base import Rule, StepFigures, option, register
+
+
+class _InvertibleActivation(Protocol):
+    """What an InvertibleBlock's activation has (its constructor checks both)."""
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor: ...
+
+    def derivative(self, a: torch.Tensor) -> torch.Tensor: ...
+
 
 #: Adam learning rate when --lr is not given: the orthogonality regulariser needs slow steps
 #: (the 2020 paper uses 1e-4; see results/gaitprop/README.md for what was measured here).
@@ -129,7 +138,7 @@ class InvertibleTargetRule(Rule):
     # ----- the shared pass ----------------------------------------------------------------------
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
         dtype = getattr(torch, self.config.dtype)
-        blocks: list[InvertibleBlock] = self.net.layers
+        blocks = cast(list[InvertibleBlock], self.net.layers)  # check_invertible (in __init__) made sure
         traces: list[Trace] = []
         outputs: list[torch.Tensor] = []
         h = x.to(dtype)
@@ -143,14 +152,15 @@ class InvertibleTargetRule(Rule):
         tiny = torch.finfo(dtype).tiny
         for i in range(len(blocks) - 1, -1, -1):
             block, a = blocks[i], traces[i].pre_activation
-            slope = block.activation.derivative(a)
+            activation = cast(_InvertibleActivation, block.activation)  # nn.Module-typed attribute
+            slope = activation.derivative(a)
             signal = slope * error * per_sample(inverse_gamma, error)
             # Local loss mean_s ||t(s) - y(s)||^2 / Gamma(s): its gradient w.r.t. this block's weights.
             block.write_local_update(traces[i], signal, scale=-2.0 / len(x))
             if i == 0:
                 break  # the first layer is never inverted
             delta_u, gamma = self.nudge(error, slope)
-            delta_a = self._pre_activation_change(block.activation, a, outputs[i], delta_u, slope)
+            delta_a = self._pre_activation_change(activation, a, outputs[i], delta_u, slope)
             error = self._solve(i, block, traces[i], delta_a)
             # Fixed gamma can underflow Gamma in deep float32 nets: clamp so the signal fades instead of NaN.
             inverse_gamma = inverse_gamma / gamma.clamp_min(tiny)
@@ -171,7 +181,7 @@ class InvertibleTargetRule(Rule):
         return loss.detach(), -0.5 * len(y) * loss_grad
 
     @staticmethod
-    def _pre_activation_change(activation, a: torch.Tensor, y: torch.Tensor, delta_u: torch.Tensor,
+    def _pre_activation_change(activation: _InvertibleActivation, a: torch.Tensor, y: torch.Tensor, delta_u: torch.Tensor,
                                slope: torch.Tensor) -> torch.Tensor:
         """f^{-1}(y + Delta u) - a, exact where a kink is crossed and cancellation-free where not."""
         target = y + delta_u
@@ -184,6 +194,7 @@ class InvertibleTargetRule(Rule):
     def _solve(self, i: int, block: InvertibleBlock, trace: Trace, delta_a: torch.Tensor) -> torch.Tensor:
         """e_{l-1} = W_l^{-1} Delta a_l, from factors at most ``factorise_every`` steps old (fresh when measuring)."""
         matrix = block.matrix(delta_a.dtype)
+        assert matrix is not None  # only fixed rearrangements have none; a block's layer is a weight layer
         if self._measuring:
             return block.solve(trace, delta_a, Factorisation(matrix))[0]
         factorisation = self._factorisations.get(i)
@@ -206,7 +217,7 @@ class InvertibleTargetRule(Rule):
                 or factorisation.expected_error > self.config.solve_tolerance)
 
     def inverted_blocks(self) -> list[InvertibleBlock]:
-        return self.net.layers[1:]
+        return cast(list[InvertibleBlock], self.net.layers[1:])  # check_invertible (in __init__) made sure
 
     def _add_orthogonality_gradient(self) -> None:
         # Every k-th row, a different share each step: each row gets k*lambda times its exact gradient

@@ -201,6 +201,10 @@ class LeaderFollowerLocal(LocalLossRule):
     """LFNN-l (Yin et al. 2023): BP-free leader-follower worker losses per block; nothing crosses blocks."""
 
     Config = LeaderFollowerConfig
+    # Set in __init__ (a submodule and a buffer): declared for the type checker, as nn.Module's
+    # attribute lookup is typed Tensor | Module.
+    worker_heads: nn.ModuleList
+    leader_counts: torch.Tensor
 
     def __init__(self, net, config=None, optim=None):
         super().__init__(net, config, optim)
@@ -413,7 +417,10 @@ class LeaderFollower(LeaderFollowerLocal):
                             for p in (m.weight, m.bias) if p is not None}
         others = [p for p in (*block.parameters(), *worker_head.parameters())
                   if p.requires_grad and id(p) not in in_weight_layers]
-        outputs = [call.output for call in calls]
+        outputs: list[torch.Tensor] = []
+        for call in calls:
+            assert call.output is not None  # recorded by this step's forward; cleared only after the step
+            outputs.append(call.output)
         passes.local = True
         try:
             grads = torch.autograd.grad(loss, [*outputs, *others], retain_graph=True, allow_unused=True)

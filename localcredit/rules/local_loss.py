@@ -111,7 +111,7 @@ class LocalLossRule(Rule):
             total += loss.detach()
             if l == len(self.net.blocks):
                 head_loss = loss.detach()
-        stats = {"loss": total.detach()}
+        stats: StepFigures = {"loss": total.detach()}
         if head_loss is not None:
             stats["head_loss"] = head_loss.detach()
         return stats

@@ -117,6 +117,7 @@ class PredSim(LocalLossRule):
     no error crosses blocks."""
 
     Config = PredSimConfig
+    target_projection: torch.Tensor  # a buffer, with bio (declared: nn.Module's lookup is typed Tensor | Module)
 
     def __init__(self, net, config=None, optim=None):
         super().__init__(net, config, optim)

@@ -176,6 +176,7 @@ class BlockPipeline(_Agreeing):
         for step, (x, y) in zip(range(first, steps), inputs):
             if own:
                 h = inbox.take() if inbox is not None else x
+                assert h is not None and y is not None  # a stage with layers in use gets the real batches
                 self._micro_batch(rule, own, h, y, step, outbox, sums)
             bar.update()
             progress.steps_done = step + 1
@@ -247,6 +248,7 @@ class BlockPipeline(_Agreeing):
             payload = [_layers_state(rule, layers) if owner == self.place.rank else None]
             dist.broadcast_object_list(payload, src=owner, device=self._object_device())
             if owner != self.place.rank:
+                assert payload[0] is not None  # the owner's state, broadcast
                 _load_layers_state(rule, payload[0])
 
     def _object_device(self) -> torch.device | None:

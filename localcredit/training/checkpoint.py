@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -22,6 +22,11 @@ from ..errors import UserError
 from .config import LOOP_ONLY
 from .progress import EpochProgress
 from .runfiles import CHECKPOINT, load_checkpoint
+
+if TYPE_CHECKING:
+    from ..rules.base import Rule
+    from .config import TrainConfig
+    from .trainer import Parallelism, Trainer
 
 
 def current_umask() -> int:
@@ -63,6 +68,18 @@ class CheckpointMixin:
     """The Trainer's checkpoint methods; they use its rule, config, run_info, out_dir, device, parallel,
     history, epochs_done and schedulers."""
 
+    # The Trainer's attributes these methods use (declared for the type checker; the Trainer sets them).
+    rule: Rule
+    config: TrainConfig
+    run_info: dict[str, Any]
+    out_dir: Path | None
+    device: torch.device
+    parallel: Parallelism
+    history: dict[str, list]
+    epochs_done: int
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler | None]
+    last_checkpoint: float
+
     def _fingerprint(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed by this run (not where the data lives, nor the command)."""
         return {"train": {k: v for k, v in asdict(self.config).items() if k not in LOOP_ONLY},
@@ -73,7 +90,7 @@ class CheckpointMixin:
 
         ``progress``: the epoch under way for a mid-epoch checkpoint, None at an epoch's end.
         """
-        extra = self.parallel.checkpoint_extra(self, progress)
+        extra = self.parallel.checkpoint_extra(cast("Trainer", self), progress)  # the mixin's one host
         self.last_checkpoint = time.monotonic()
         if self.out_dir is None or not self.parallel.writer:
             return
@@ -88,6 +105,7 @@ class CheckpointMixin:
 
     def _read_checkpoint(self) -> dict[str, Any] | None:
         """The checkpoint in out_dir, checked to be whole and of this run (None when there is none)."""
+        assert self.out_dir is not None  # called only for a run with an output folder
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             if self.parallel.writer:
@@ -135,7 +153,7 @@ class CheckpointMixin:
         torch.set_rng_state(state["torch_rng"].cpu())
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
-        self.parallel.load_checkpoint_extra(self, state.get("parallel") or {})
+        self.parallel.load_checkpoint_extra(cast("Trainer", self), state.get("parallel") or {})
         progress = state.get("epoch_progress")
         return EpochProgress(**progress) if progress else None
 

@@ -113,17 +113,20 @@ class GradientBuckets:
     def _start(self, bucket: _Bucket) -> None:
         grads = [p.grad for p in bucket.params]
         bucket.had_grad = [g is not None for g in grads]
-        bucket.in_place = len(grads) == 1 and grads[0] is not None
-        if bucket.in_place:
-            bucket.flat = grads[0]  # one gradient: reduced where it is, no copy there and back
+        only = grads[0] if len(grads) == 1 else None
+        bucket.in_place = only is not None
+        if only is not None:
+            flat = only  # one gradient: reduced where it is, no copy there and back
         else:
-            bucket.flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                     for g, p in zip(grads, bucket.params)])
-        bucket.flat.mul_(self.share)
-        bucket.work = dist.all_reduce(bucket.flat, async_op=True)
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                              for g, p in zip(grads, bucket.params)])
+        bucket.flat = flat
+        flat.mul_(self.share)
+        bucket.work = dist.all_reduce(flat, async_op=True)
 
     @staticmethod
     def _settle(bucket: _Bucket) -> None:
+        assert bucket.flat is not None and bucket.had_grad is not None  # _start set them
         for p, had in zip(bucket.params, bucket.had_grad):
             changed = p.grad is not bucket.flat if bucket.in_place else (p.grad is not None) != had
             if changed:  # a broken promise must not pass silently: it would split the processes' weights

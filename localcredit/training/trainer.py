@@ -28,10 +28,11 @@ import torch
 from tqdm import tqdm
 
 from ..data import Dataset
+from ..data.streaming import StreamedDataset
 from ..errors import UserError
 from ..rules.base import Rule, StepFigures
 from .augment import augment_batch, augment_seed, parse_augment
-from .batches import batch_source
+from .batches import BatchSource, batch_source
 from .checkpoint import CheckpointMixin, write_json
 from .config import TrainConfig, check_step_sizes, epoch_order, make_scheduler, smallest_step, step_sizes
 from .loggers import LoggedFigures, RunLogger, make_logger, numeric_leaves
@@ -100,9 +101,9 @@ class Parallelism:
 class Trainer(CheckpointMixin):
     """Train ``rule`` on ``data``; with ``out_dir``, write result.json and a checkpoint after each epoch."""
 
-    def __init__(self, rule: Rule, data: Dataset, config: TrainConfig, out_dir: str | Path | None = None,
-                 run_info: dict[str, Any] | None = None, device: str | torch.device = "cpu",
-                 parallel: Parallelism | None = None):
+    def __init__(self, rule: Rule, data: Dataset | StreamedDataset, config: TrainConfig,
+                 out_dir: str | Path | None = None, run_info: dict[str, Any] | None = None,
+                 device: str | torch.device = "cpu", parallel: Parallelism | None = None):
         config.validate()
         self.rule = rule
         self.parallel = parallel if parallel is not None else Parallelism()
@@ -135,10 +136,12 @@ class Trainer(CheckpointMixin):
     @property
     def x_train(self) -> torch.Tensor:
         """The in-memory training inputs (what the multi-process layouts slice)."""
+        assert isinstance(self.source, BatchSource)  # the multi-process layouts refuse streamed data
         return self.source.x_train
 
     @property
     def y_train(self) -> torch.Tensor:
+        assert isinstance(self.source, BatchSource)  # the multi-process layouts refuse streamed data
         return self.source.y_train
 
     # ----- the loop ------------------------------------------------------------------------
@@ -192,6 +195,7 @@ class Trainer(CheckpointMixin):
 
     def _finished_result(self) -> dict[str, Any] | None:
         """A resumed run that has trained all its epochs already: its result.json as it is (nothing rewritten)."""
+        assert self.out_dir is not None  # a run resumes only from a checkpoint in its output folder
         path = self.out_dir / RESULT
         if self.epochs_done < self.config.epochs or not path.exists():
             return None
@@ -276,6 +280,7 @@ class Trainer(CheckpointMixin):
         if not self.augment.active:
             return x
         generator = torch.Generator(device=x.device).manual_seed(augment_seed(self.config.seed, epoch, step))
+        assert self.black is not None  # made with the augmentation
         return augment_batch(x, self.augment, generator, self.black)
 
     def progress_bar(self, epoch: int, steps: int, done: int = 0) -> tqdm:
@@ -340,7 +345,7 @@ class Trainer(CheckpointMixin):
         """Test accuracy of the rule's predictions."""
         correct = 0
         for x, y in self.source.test_batches(self.config.eval_batch_size):
-            correct += (self.rule.predict(x) == y).sum().item()
+            correct += int((self.rule.predict(x) == y).sum().item())
         return correct / self.source.test_size
 
     # ----- results and checkpoints ---------------------------------------------------------
