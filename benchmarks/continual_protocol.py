@@ -7,6 +7,7 @@ replay / A-GEM memory 1000 (100 per class); strengths as van de Ven et al. chose
 command; finished runs are skipped, so the script resumes.
 
     python benchmarks/continual_protocol.py --out results/continual/protocol     # then README.md there
+    python benchmarks/continual_protocol.py --out OUT --part 1/2 & python ... --part 2/2   # two at a time
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ STRATEGIES = ("naive", "joint", "ewc", "online-ewc", "si", "lwf", "replay", "age
 RUNS = [("bp", strategy, scenario) for scenario in SCENARIOS for strategy in STRATEGIES
         if not (strategy == "lwf" and scenario == "split-task")]
 RUNS += [(rule, strategy, "split-class") for rule in ("local-random", "lfnn-l") for strategy in ("naive", "replay")]
+#: the seed claim that NAN forgets less than BP, under the strategies that do not store samples, and replay
+RUNS += [("nan", strategy, scenario) for scenario in SCENARIOS
+         for strategy in ("naive", "ewc", "online-ewc", "si", "lwf", "replay")
+         if not (strategy == "lwf" and scenario == "split-task")]
 
 
 def command(rule: str, strategy: str, scenario: str, out: Path, threads: int) -> list[str]:
@@ -50,9 +55,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--part", default="1/1", help="K/N: run every N-th run from the K-th (N processes side by side)")
     args = parser.parse_args()
     root = Path(args.out)
-    for rule, strategy, scenario in RUNS:
+    k, n = map(int, args.part.split("/"))
+    for rule, strategy, scenario in RUNS[k - 1::n]:
         out = root / scenario / f"{rule}-{strategy}"
         result = out / "result.json"
         if result.exists() and json.loads(result.read_text()).get("status") == "finished":
