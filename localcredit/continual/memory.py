@@ -8,15 +8,21 @@ Two ways to choose what stays (Chaudhry et al. 2019, "On tiny episodic memories 
   a new class arrives, each old class gives up its surplus, the most recently added first.
 
 Samples enter at the end of each task (``add``), so that the task being learned is never replayed.
+:class:`MemoryStrategy` is what the strategies that keep such a memory (``replay``, ``agem``) share:
+the options, the memory, the check that it fits the data, filling it and checkpointing it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
-from .strategies.base import Batch
+from ..errors import UserError
+from ..rules.base import option
+from .scenarios import Stream, Task
+from .strategies.base import Batch, Strategy, task_samples
 
 SELECTIONS = ("reservoir", "class-balanced")
 
@@ -102,3 +108,40 @@ def _class_keys(y: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
 def _first_of_each(keys: torch.Tensor, quota: int) -> list[int]:
     """Indices of the first ``quota`` samples of each key, in their original order."""
     return sorted(int(i) for key in keys.unique() for i in (keys == key).nonzero().flatten()[:quota])
+
+
+@dataclass
+class MemoryOptions:
+    size: int = option(1000, "samples the memory holds (all tasks together)")
+    selection: Literal["class-balanced", "reservoir"] = option(
+        "class-balanced", "which samples stay: an equal share per class, or a uniform sample of all seen")
+
+    def validate(self) -> None:
+        if self.size < 1:
+            raise UserError(f"option size must be at least 1, got {self.size}")
+
+
+class MemoryStrategy(Strategy):
+    """A strategy with a fixed-size memory of past tasks' samples, filled at the end of each task."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.memory = SampleBuffer(self.config.size, self.config.selection, self.generator)
+
+    def check(self, stream: Stream) -> None:
+        """A memory larger than the data it could ever hold is a mistake, not a setting."""
+        super().check(stream)
+        past = sum(len(task.data.y_train) for task in stream.tasks[:-1])
+        if self.config.size > past:
+            raise UserError(f"strategy {self.name}: a memory of {self.config.size} samples is larger than the data "
+                            f"of the tasks it could hold ({past} training samples before the last task); "
+                            f"use size <= {past}")
+
+    def end_task(self, task: Task) -> None:
+        self.memory.add(task_samples(task))
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"memory": self.memory.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.memory.load_state_dict(state["memory"])

@@ -73,14 +73,9 @@ def pass_order(n: int, seed: int, task: int, passes: int) -> torch.Tensor:
 def evaluate(rule: Rule, task: Task, head: list[int] | None, batch_size: int = 2000, limit: int | None = None) -> float:
     """Test accuracy on ``task`` with ``head`` competing (None: every output)."""
     x, y = task.data.x_test[:limit], task.data.y_test[:limit]
-    saved = rule.active_classes
-    rule.restrict_outputs(head)
-    try:
-        with torch.no_grad():
-            correct = sum((rule.predict(x[s:s + batch_size]) == y[s:s + batch_size]).sum().item()
-                          for s in range(0, len(x), batch_size))
-    finally:
-        rule.active_classes = saved
+    with rule.outputs_restricted(head), torch.no_grad():
+        correct = sum((rule.predict(x[s:s + batch_size]) == y[s:s + batch_size]).sum().item()
+                      for s in range(0, len(x), batch_size))
     return correct / len(x)
 
 

@@ -445,6 +445,17 @@ class Rule(nn.Module):
             mask[classes.tolist() if isinstance(classes, torch.Tensor) else list(classes)] = True
         self.active_classes = mask.to(next(self.net.parameters()).device)
 
+    @contextlib.contextmanager
+    def outputs_restricted(self, classes: Sequence[int] | torch.Tensor | None) -> Iterator[None]:
+        """:meth:`restrict_outputs` inside, the head that was active before restored on the way out
+        (an evaluation or a measurement in the middle of training a task)."""
+        saved = self.active_classes
+        self.restrict_outputs(classes)
+        try:
+            yield
+        finally:
+            self.active_classes = saved
+
     def mask_outputs(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits for predictions: the inactive classes' at -inf."""
         mask = self.output_mask(logits)

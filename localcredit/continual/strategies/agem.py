@@ -14,45 +14,36 @@ group, this is A-GEM exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from ...errors import UserError
 from ...rules.base import Rule, option
-from ..memory import SampleBuffer
-from ..scenarios import Stream, Task
-from .base import Strategy, register, rule_update, task_samples, trainable
-from .replay import check_memory_fits
+from ..memory import MemoryOptions, MemoryStrategy
+from .base import register, rule_update, trainable
 
 
 @dataclass
-class AGEMConfig:
-    size: int = option(1000, "samples the memory holds (all tasks together)")
-    selection: Literal["class-balanced", "reservoir"] = option("class-balanced", "which samples stay")
+class AGEMConfig(MemoryOptions):
     reference_batch: int = option(256, "memory samples the reference update is computed on at each step")
 
     def validate(self) -> None:
-        if self.size < 1 or self.reference_batch < 1:
-            raise UserError(f"options size and reference_batch must be at least 1, got {self.size}, "
-                            f"{self.reference_batch}")
+        super().validate()
+        if self.reference_batch < 1:
+            raise UserError(f"option reference_batch must be at least 1, got {self.reference_batch}")
 
 
 @register("agem")
-class AGEM(Strategy):
+class AGEM(MemoryStrategy):
     """A-GEM (Chaudhry 2019): project each update off the memory's reference update when they conflict."""
 
     Config = AGEMConfig
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.memory = SampleBuffer(self.config.size, self.config.selection, self.generator)
         self.projections = 0
         self.steps = 0
-
-    def check(self, stream: Stream) -> None:
-        super().check(stream)
-        check_memory_fits(self.name, self.config.size, stream)
 
     def adjust_gradients(self, rule: Rule) -> None:
         if not len(self.memory):
@@ -75,15 +66,12 @@ class AGEM(Strategy):
                     for p, g, r in zip(params, grads, ref):
                         p.grad = g - (dot / norm) * r
 
-    def end_task(self, task: Task) -> None:
-        self.memory.add(task_samples(task))
-
     def statistics(self) -> dict[str, Any]:
         return {"projected_group_steps": self.projections, "steps_with_memory": self.steps}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"memory": self.memory.state_dict(), "projections": self.projections, "steps": self.steps}
+        return {**super().extra_state(), "projections": self.projections, "steps": self.steps}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.memory.load_state_dict(state["memory"])
+        super().load_extra_state(state)
         self.projections, self.steps = state["projections"], state["steps"]

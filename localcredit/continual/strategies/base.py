@@ -172,20 +172,17 @@ def rule_update(rule: Rule, x: torch.Tensor, y: torch.Tensor, head: Any) -> list
     batch-norm statistics, the rule's gradients or its active head."""
     params = trainable(rule)
     saved_grads = [p.grad for p in params]
-    saved_head = rule.active_classes
     was_training = rule.net.training
     try:
-        rule.restrict_outputs(head)
         for p in params:
             p.grad = None
         rule.net.train()
-        with rule.net.statistics_kept():
+        with rule.outputs_restricted(head), rule.net.statistics_kept():
             rule.assign_credit(x, y)
         return grads(params)
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = g
-        rule.active_classes = saved_head
         rule.net.train(was_training)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from ...errors import UserError
 from ...rules.base import Rule, option
 from ...training.config import smallest_step
 from ..scenarios import Task
@@ -35,7 +36,6 @@ class FisherOptions:
 
     def validate(self) -> None:
         if self.fisher_samples < 1:
-            from ...errors import UserError
             raise UserError(f"option fisher_samples must be at least 1, got {self.fisher_samples}")
 
 
@@ -54,19 +54,11 @@ def diagonal_fisher(strategy: Strategy, task: Task, options: FisherOptions) -> l
     for start in starts:
         x, y = data.x_train[index[start:start + per_step]], data.y_train[index[start:start + per_step]]
         if options.fisher_labels == "predicted":
-            y = predicted(rule, x, head)
+            with rule.outputs_restricted(head):
+                y = rule.predict(x)
         for f, g in zip(fisher, rule_update(rule, x, y, head)):
             f.add_(g.square())
     return [f / len(starts) for f in fisher]
-
-
-def predicted(rule: Rule, x: torch.Tensor, head: Any) -> torch.Tensor:
-    saved = rule.active_classes
-    rule.restrict_outputs(head)
-    try:
-        return rule.predict(x)
-    finally:
-        rule.active_classes = saved
 
 
 @dataclass
@@ -76,7 +68,6 @@ class EWCConfig(FisherOptions):
     def validate(self) -> None:
         super().validate()
         if self.strength < 0:
-            from ...errors import UserError
             raise UserError(f"option strength must be at least 0, got {self.strength}")
 
 
