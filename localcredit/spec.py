@@ -29,10 +29,13 @@ from .errors import UserError, did_you_mean
 Check = Callable[[Any], "str | None"]  # a problem with the value, as the end of a sentence, or None
 
 
-def option(default: Any = MISSING, help: str = "", parse: Callable[[str], Any] = str, metavar: str | None = None,
-           check: Check | None = None, flag: str | None = None, repeated: bool = False) -> Any:
-    """A specification field that is an option: ``parse`` reads it from a command-line string, ``check``
-    says what is wrong with a value (None: nothing). ``repeated``: a list given by repeating ``flag``."""
+def option(default: Any = MISSING, help: str = "", parse: Callable[[str], Any] | None = None,
+           metavar: str | None = None, check: Check | None = None, flag: str | None = None,
+           repeated: bool = False) -> Any:
+    """A specification field that is an option: ``parse`` reads it from a command-line string (default: by
+    the field's type, :func:`parse_as`), ``check`` says what is wrong with a value (None: nothing).
+    ``repeated``: a list given by repeating ``flag``. Run options, rule options and strategy options are all
+    declared with it."""
     metadata = {"help": help, "parse": parse, "metavar": metavar, "check": check, "flag": flag, "repeated": repeated}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -49,6 +52,50 @@ def option_fields(cls: type) -> list[dataclasses.Field]:
 
 def flag_of(f: dataclasses.Field) -> str:
     return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def parser_of(cls: type, f: dataclasses.Field) -> Callable[[str], Any]:
+    """How option ``f`` of ``cls`` reads a command-line string: its own ``parse``, or by its type (for a
+    repeated option, by its items' type)."""
+    hint = typing.get_type_hints(cls)[f.name]
+    return f.metadata["parse"] or parse_as(_item_type(hint) if f.metadata["repeated"] else hint)
+
+
+def _item_type(hint: Any) -> Any:
+    (item,) = typing.get_args(_non_none(hint)) or (str,)
+    return item
+
+
+def parse_as(hint: Any) -> Callable[[str], Any]:
+    """A parser for a field of type ``hint`` (a Literal of strings, bool, int, float or str, or one of them
+    or None); a bad string is a UserError ending a sentence ("is not one of a, b")."""
+    kind = _non_none(hint)
+    choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ()
+    if choices:
+        def choice(raw: str) -> str:
+            if raw not in choices:
+                raise UserError(f"is not one of {', '.join(map(str, choices))}")
+            return raw
+        return choice
+    if kind is bool:
+        return parse_bool
+    if kind in (int, float, str):
+        def scalar(raw: str) -> Any:
+            try:
+                return kind(raw)
+            except ValueError:
+                raise UserError(f"is not a valid {kind.__name__}") from None
+        scalar.__name__ = kind.__name__
+        return scalar
+    raise TypeError(f"no command-line parser for an option of type {hint!r}: give it parse=")
+
+
+def parse_bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise UserError("is not a valid bool (true or false)")
 
 
 def default_of(f: dataclasses.Field) -> Any:
@@ -73,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str
         group = parser.add_argument_group(owner.__dict__.get("TITLE", owner.__name__))
         for f in own:
             kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(f),
-                                          metavar=f.metadata["metavar"], type=_argparse_type(f))
+                                          metavar=f.metadata["metavar"], type=_argparse_type(cls, f))
             if f.metadata["repeated"]:
                 kwargs["action"] = "append"
             group.add_argument(flag_of(f), **kwargs)
@@ -85,8 +132,8 @@ def _help(f: dataclasses.Field) -> str:
     return f.metadata["help"] + shown
 
 
-def _argparse_type(f: dataclasses.Field) -> Callable[[str], Any]:
-    parse, name = f.metadata["parse"], flag_of(f)
+def _argparse_type(cls: type, f: dataclasses.Field) -> Callable[[str], Any]:
+    parse, name = parser_of(cls, f), flag_of(f)
 
     def convert(text: str) -> Any:
         try:
@@ -160,6 +207,7 @@ def from_mapping(cls: type, mapping: Any, source: str) -> dict[str, Any]:
 
 def _coerce(f: dataclasses.Field, hint: Any, value: Any) -> Any:
     """A config file's value as the field's type: strings go through the field's command-line parser."""
+    parse = f.metadata["parse"] or parse_as(_item_type(hint) if f.metadata["repeated"] else hint)
     if value is None:
         if _allows_none(hint):
             return None
@@ -168,15 +216,15 @@ def _coerce(f: dataclasses.Field, hint: Any, value: Any) -> Any:
         if isinstance(value, dict):  # options: {key: value} is --set key=value
             return [f"{k}={_scalar_text(v)}" for k, v in value.items()]
         items = value if isinstance(value, list) else [value]
-        return [f.metadata["parse"](_scalar_text(item)) for item in items]
+        return [parse(_scalar_text(item)) for item in items]
     if isinstance(value, str):
-        return f.metadata["parse"](value)
+        return parse(value)
     kind = _non_none(hint)
     if typing.get_origin(kind) is list:
         items = value if isinstance(value, list) else [value]  # `milestones: 50` is the list [50]
         if any(isinstance(item, (list, dict)) for item in items):
             raise ValueError(f"expected a list of numbers, got {value!r}")
-        return f.metadata["parse"](",".join(map(_scalar_text, items)) or "none")
+        return parse(",".join(map(_scalar_text, items)) or "none")
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -203,17 +251,85 @@ def _non_none(hint: Any) -> Any:
     return hint
 
 
+# ----- key=value lists and Python values (a rule's or a strategy's options) ----------------------
+def from_assignments(cls: type, assignments: list[str] | tuple[str, ...], owner: str = "this rule") -> dict[str, Any]:
+    """Typed option values of ``cls`` from ``key=value`` strings (``--set``, ``--strategy-set``); a bad
+    key or value is a one-line UserError naming it (``owner``: whose options, as the message says it)."""
+    known = {f.name: f for f in option_fields(cls)}
+    values: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got {assignment!r}")
+        _known(key, known, owner)
+        try:
+            values[key] = parser_of(cls, known[key])(raw.strip())
+        except UserError as exc:
+            raise UserError(f"option {key}={raw.strip()!r} {exc}") from None
+    return values
+
+
+def check_values(cls: type, values: dict[str, Any], owner: str = "this rule") -> None:
+    """Python values for options of ``cls`` (``lc.make_rule(..., loss="ce")``): known names, right types."""
+    known = {f.name: f for f in option_fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        _known(key, known, owner)
+        _check_type(key, value, _non_none(hints[key]) if value is not None else type(None))
+
+
+def _known(key: str, known: dict[str, dataclasses.Field], owner: str) -> None:
+    if key not in known:
+        raise UserError(f"unknown option {key!r} for {owner}{did_you_mean(key, known)}; "
+                        f"its options are: {', '.join(known) or 'none'}")
+
+
+def _check_type(key: str, value: Any, kind: Any) -> None:
+    choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+    if choices:
+        if value not in choices:
+            raise UserError(f"option {key}={value!r} is not one of {', '.join(map(str, choices))}")
+        return
+    if not isinstance(kind, type):
+        return  # a list or another composite type: the option's check looks at it
+    allowed = (int, float) if kind is float else (kind,)
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, allowed):
+        raise UserError(f"option {key}={value!r} is not a valid {kind.__name__}")
+
+
+def describe(cls: type) -> list[dict[str, Any]]:
+    """Name, type, default and help of every option of ``cls`` (``localcredit rules`` and ``strategies``)."""
+    hints = typing.get_type_hints(cls)
+    return [{"name": f.name, "type": _type_name(hints[f.name]), "default": default_of(f),
+             "help": f.metadata["help"]} for f in option_fields(cls)]
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is typing.Literal:
+        return "|".join(map(str, typing.get_args(kind)))
+    return getattr(kind, "__name__", str(kind))
+
+
 # ----- checks -----------------------------------------------------------------------------------
-def check(spec: Any, source: str | None = None) -> None:
-    """Run every option's range check; a problem is a one-line UserError naming the flag (or, with a
-    ``source`` such as ``make_rule``, ``source: name``)."""
+def problems(spec: Any) -> list[tuple[dataclasses.Field, str]]:
+    """Every option whose range check fails, with what is wrong."""
+    found = []
     for f in option_fields(type(spec)):
         test = f.metadata["check"]
         value = getattr(spec, f.name)
         problem = test(value) if test is not None and value is not None else None
         if problem:
-            where = f"{source}: {f.name}" if source else flag_of(f)
-            raise UserError(f"{where} {problem}")
+            found.append((f, problem))
+    return found
+
+
+def check(spec: Any, source: str | None = None) -> None:
+    """Run every option's range check; a problem is a one-line UserError naming the flag (or, with a
+    ``source`` such as ``make_rule``, ``source: name``)."""
+    for f, problem in problems(spec)[:1]:
+        where = f"{source}: {f.name}" if source else flag_of(f)
+        raise UserError(f"{where} {problem}")
 
 
 def at_least(minimum: float) -> Check:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import UserError
-from ..rules.base import option
+from ..spec import option
 from .scenarios import Stream, Task
 from .strategies.base import Batch, Strategy, task_samples
 

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import typing
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -38,9 +37,7 @@ from ..errors import UserError, did_you_mean
 from ..nets.architectures import NetSpec
 from ..nets.architectures import build as build_net
 from ..nets.blocknet import BlockNet
-from ..spec import at_least, one_of, positive
-from ..spec import check as check_options
-from ..spec import option as spec_option
+from ..spec import at_least, check, check_values, describe, from_assignments, one_of, option, positive, problems
 
 _REGISTRY: dict[str, type[Rule]] = {}
 
@@ -89,15 +86,10 @@ def make_rule(name: str, net: BlockNet, *, optimizer: str = "adam", lr: float | 
         if (value is not None or key != "lr") and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise UserError(f"make_rule: {key}={value!r} is not a number")
     optim = OptimConfig(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    check_options(optim, source="make_rule")
+    check(optim, source="make_rule")
     where = checked_device(device, "make_rule") if device is not None else None
     rule = rule_cls(net, make_config(rule_cls.Config, options), optim)
     return rule.to(where) if where is not None else rule
-
-
-def option(default: Any, help: str) -> Any:
-    """A Config field whose help text is shown by ``localcredit rules``: the defaults are documentation."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -115,12 +107,12 @@ class OptimConfig:
 
     TITLE: ClassVar[str] = "optimiser (one per parameter group of the rule)"
 
-    optimizer: str = spec_option("adam", "adam | sgd", check=one_of(*DEFAULT_LR))
-    lr: float | None = spec_option(None, "learning rate (default: the rule's; 1e-3 adam, 0.05 sgd for most)",
+    optimizer: str = option("adam", "adam | sgd", check=one_of(*DEFAULT_LR))
+    lr: float | None = option(None, "learning rate (default: the rule's; 1e-3 adam, 0.05 sgd for most)",
                                    parse=float, check=positive)
-    momentum: float = spec_option(0.9, "momentum of sgd", parse=float,
+    momentum: float = option(0.9, "momentum of sgd", parse=float,
                                   check=lambda m: None if 0 <= m < 1 else f"must be in [0, 1), got {m}")
-    weight_decay: float = spec_option(0.0, "L2 weight decay of the optimiser (adam: added to the gradient, "
+    weight_decay: float = option(0.0, "L2 weight decay of the optimiser (adam: added to the gradient, "
                                            "as torch.optim.Adam does)", parse=float, check=at_least(0))
 
     def make(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -134,82 +126,27 @@ class OptimConfig:
         raise UserError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
 
 
-def parse_options(config_cls: type, assignments: Sequence[str]) -> Any:
-    """Build a rule's Config from ``key=value`` strings, converting each value to the field's type."""
-    hints = typing.get_type_hints(config_cls)
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    values: dict[str, Any] = {}
-    for assignment in assignments:
-        key, sep, raw = assignment.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise UserError(f"--set expects key=value, got {assignment!r}")
-        if key not in fields:
-            known = ", ".join(fields) or "none"
-            raise UserError(f"unknown option {key!r} for this rule{did_you_mean(key, fields)}; "
-                            f"its options are: {known}")
-        values[key] = _convert(key, raw.strip(), hints[key])
-    return make_config(config_cls, values)
+def parse_options(config_cls: type, assignments: Sequence[str], owner: str = "this rule") -> Any:
+    """A rule's (or a strategy's) Config from ``key=value`` strings, each read as its field's type."""
+    return make_config(config_cls, from_assignments(config_cls, list(assignments), owner), owner)
 
 
-def make_config(config_cls: type, values: dict[str, Any]) -> Any:
-    """Build a rule's Config from Python values (``lc.make_rule(..., loss="ce")``), checking names and types."""
-    hints = typing.get_type_hints(config_cls)
-    names = [f.name for f in dataclasses.fields(config_cls)]
-    for key, value in values.items():
-        if key not in names:
-            raise UserError(f"unknown option {key!r} for this rule{did_you_mean(key, names)}; "
-                            f"its options are: {', '.join(names) or 'none'}")
-        _check_type(key, value, hints[key])
+def make_config(config_cls: type, values: dict[str, Any], owner: str = "this rule") -> Any:
+    """A rule's (or a strategy's) Config from Python values (``lc.make_rule(..., loss="ce")``): names and
+    types checked, then every option's range check and the Config's own ``validate`` (what ties options)."""
+    check_values(config_cls, values, owner)
     config = config_cls(**values)
+    for f, problem in problems(config)[:1]:
+        raise UserError(f"option {f.name} {problem}")
     validate = getattr(config, "validate", None)
     if validate is not None:
         validate()
     return config
 
 
-def _check_type(key: str, value: Any, kind: Any) -> None:
-    choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
-    if choices:
-        if value not in choices:
-            raise UserError(f"option {key}={value!r} is not one of {', '.join(map(str, choices))}")
-        return
-    allowed = (int, float) if kind is float else (kind,)
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, allowed):
-        raise UserError(f"option {key}={value!r} is not a valid {kind.__name__}")
-
-
-def _convert(key: str, raw: str, kind: Any) -> Any:
-    choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
-    if choices:
-        if raw not in choices:
-            raise UserError(f"option {key}={raw!r} is not one of {', '.join(map(str, choices))}")
-        return raw
-    try:
-        if kind is bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if kind in (int, float, str):
-            return kind(raw)
-    except ValueError:
-        raise UserError(f"option {key}={raw!r} is not a valid {kind.__name__}") from None
-    raise TypeError(f"option {key} has unsupported type {kind!r}")
-
-
 def describe_options(config_cls: type) -> list[dict[str, Any]]:
     """Name, type, default and help of every option, for ``localcredit rules``."""
-    hints = typing.get_type_hints(config_cls)
-    return [{"name": f.name, "type": _type_name(hints[f.name]), "default": f.default,
-             "help": f.metadata.get("help", "")} for f in dataclasses.fields(config_cls)]
-
-
-def _type_name(kind: Any) -> str:
-    if typing.get_origin(kind) is typing.Literal:
-        return "|".join(map(str, typing.get_args(kind)))
-    return getattr(kind, "__name__", str(kind))
+    return describe(config_cls)
 
 
 #: A step's logged figures by name ("loss" among them): floats, or 0-dim tensors that may still be
@@ -365,6 +302,35 @@ class Rule(nn.Module):
         these calls, layer after layer.
         """
         raise NotImplementedError(f"rule {self.name!r} is not local: its layers do not learn from local signals only")
+
+    def train_layers(self, layers: Sequence[int], h: torch.Tensor, y: torch.Tensor,
+                     on_output: Callable[[torch.Tensor], None] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The local step loop: ``layers``' (consecutive) share of one training step from their input ``h``.
+
+        Each layer's local loss is backpropagated as soon as it is computed, which frees that group's graph
+        before the next one runs. A whole step runs it on every layer in use; a block-pipeline stage on its
+        own layers (``on_output`` gets the last layer's output before its backward pass: the next stage can
+        start on it). Returns that output and the figures: ``loss``, the sum of the layers' losses, and
+        ``head_loss`` where the head was among the layers.
+        """
+        total = h.new_zeros(())
+        figures: dict[str, torch.Tensor] = {}
+        for l in layers:
+            h, loss = self.block_step_loss(l, h, y)
+            if on_output is not None and l == layers[-1]:
+                on_output(h)
+            if loss is None:
+                continue
+            loss.backward()
+            self.layer_trained(l)
+            total += loss.detach()
+            if l == len(self.net.blocks):
+                figures["head_loss"] = loss.detach()
+        return h, {"loss": total, **figures}
+
+    def layer_trained(self, l: int) -> None:
+        """Layer ``l``'s local loss has been backpropagated (its group's gradients are final this step)."""
 
     def layer_groups(self) -> list[range]:
         """Consecutive layers that learn as one (a local rule's module): a block pipeline keeps each

@@ -101,20 +101,14 @@ class LocalLossRule(Rule):
                 yield l, loss
 
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
-        total = x.new_zeros(())
-        head_loss = None
-        for l, loss in self.local_losses(x, y):
-            loss.backward()
-            # Its input was detached: this layer's group is done, and can be averaged across
-            # processes while the layers above compute.
+        _, figures = self.train_layers(range(self.layers_in_use()), x, y)
+        return {**figures}
+
+    def layer_trained(self, l: int) -> None:
+        # Its input was detached: this layer's group is done, and can be averaged across
+        # processes while the layers above compute.
+        if self.final_gradient_listeners:
             self.gradients_final(self.group_parameters(l))
-            total += loss.detach()
-            if l == len(self.net.blocks):
-                head_loss = loss.detach()
-        stats: StepFigures = {"loss": total.detach()}
-        if head_loss is not None:
-            stats["head_loss"] = head_loss.detach()
-        return stats
 
     def parameter_groups(self) -> list[list[nn.Parameter]]:
         return per_block_groups(self.net.layers, [self.auxiliary_parameters(l) for l in range(len(self.net.blocks))])

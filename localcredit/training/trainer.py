@@ -20,9 +20,9 @@ import resource
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm import tqdm
@@ -96,6 +96,56 @@ class Parallelism:
     def describe(self) -> dict[str, Any]:
         """The ``parallel`` entry of result.json."""
         return {"mode": "none", "procs": 1, "backend": None}
+
+
+class EpochWork(Protocol):
+    """How a process layout runs one epoch's steps; :meth:`Trainer.train_epoch` drives it."""
+
+    def batches(self) -> Iterable[tuple[Any, Any]]:
+        """(x, y) of each step this process runs, from the progress's ``steps_done`` on."""
+        ...
+
+    def run_step(self, step: int, x: Any, y: Any) -> None:
+        ...
+
+    def summed(self) -> dict[str, Any]:
+        """The epoch's figures so far, as a mid-epoch checkpoint saves them."""
+        ...
+
+    def end(self) -> dict[str, float]:
+        """After the last step: the epoch's per-step mean of every logged figure (Diverged where not finite)."""
+        ...
+
+
+#: Makes an epoch's work from the trainer, the epoch's progress and its progress bar.
+WorkFactory = Callable[["Trainer", EpochProgress, tqdm], EpochWork]
+
+
+class StepWork:
+    """One process steps the rule on each whole batch (``parallel.step``); its figures are read from the
+    device every ``sync_every`` steps (:class:`EpochFigures`), and logged per step with ``--log``."""
+
+    def __init__(self, trainer: Trainer, progress: EpochProgress, bar: tqdm):
+        self.trainer, self.progress = trainer, progress
+        epoch, every = progress.epoch, trainer.sync_every
+        self.figures = (LoggedFigures(epoch, progress.totals, every, bar, trainer.log_steps(epoch))
+                        if trainer.logger.active else EpochFigures(epoch, progress.totals, every, bar))
+
+    def batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return self.trainer.training_batches(self.progress.epoch, self.progress.steps_done)
+
+    def run_step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.figures.add(step, self.trainer.parallel.step(self.trainer, x, y))
+
+    def summed(self) -> dict[str, float]:
+        return self.figures.summed()
+
+    def end(self) -> dict[str, float]:
+        totals = self.figures.summed()
+        device = self.trainer.device
+        if device.type == "cuda":  # the epoch's time includes its last kernels
+            torch.cuda.synchronize(device)
+        return {k: v / self.trainer.steps_per_epoch for k, v in totals.items()}
 
 
 class Trainer(CheckpointMixin):
@@ -289,23 +339,23 @@ class Trainer(CheckpointMixin):
                     disable=not (self.config.progress and self.parallel.writer) or None, leave=False,
                     file=sys.stderr)
 
-    def train_epoch(self, progress: EpochProgress) -> None:
+    def train_epoch(self, progress: EpochProgress, work: WorkFactory | None = None) -> None:
+        """The epoch loop, for every process layout: (the rest of) an epoch's steps as ``work`` runs them
+        (default: :class:`StepWork`, ``parallel.step`` on the whole batch), a checkpoint or a stop between
+        two steps when due, then the epoch's figures recorded."""
         epoch, steps = progress.epoch, self.steps_per_epoch
         bar = self.progress_bar(epoch, steps, progress.steps_done)
-        figures = (LoggedFigures(epoch, progress.totals, self.sync_every, bar, self.log_steps(epoch))
-                   if self.logger.active else EpochFigures(epoch, progress.totals, self.sync_every, bar))
+        runner = (work or StepWork)(self, progress, bar)
         start = time.perf_counter()
-        for step, (x, y) in zip(range(progress.steps_done, steps), self.training_batches(epoch, progress.steps_done)):
-            figures.add(step, self.parallel.step(self, x, y))
+        for step, (x, y) in zip(range(progress.steps_done, steps), runner.batches()):
+            runner.run_step(step, x, y)
             bar.update()
             progress.steps_done = step + 1
-            self.at_step_boundary(progress, time.perf_counter() - start, totals=figures.summed)
-        totals = figures.summed()
+            self.at_step_boundary(progress, time.perf_counter() - start, totals=runner.summed)
         bar.close()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        mean_figures = runner.end()
         seconds = progress.seconds + time.perf_counter() - start
-        self.record_epoch(epoch, seconds, {k: v / steps for k, v in totals.items()})
+        self.record_epoch(epoch, seconds, mean_figures)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ...errors import UserError
-from ...rules.base import Rule, option
+from ...rules.base import Rule
+from ...spec import option
 from ..memory import MemoryOptions, MemoryStrategy
 from .base import register, rule_update, trainable
 

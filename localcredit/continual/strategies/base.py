@@ -61,10 +61,7 @@ def available() -> dict[str, str]:
 
 def strategy_config(name: str, assignments: list[str]) -> Any:
     """The typed, checked options of strategy ``name`` from ``--strategy-set key=value`` strings."""
-    try:
-        return parse_options(get(name).Config, assignments)
-    except UserError as exc:
-        raise UserError(str(exc).replace("for this rule", f"for strategy {name}")) from None
+    return parse_options(get(name).Config, assignments, owner=f"strategy {name}")
 
 
 @dataclass

@@ -22,7 +22,8 @@ from typing import Any, Literal
 import torch
 
 from ...errors import UserError
-from ...rules.base import Rule, option
+from ...rules.base import Rule
+from ...spec import option
 from ...training.config import smallest_step
 from ..scenarios import Task
 from .base import Strategy, add_penalty_gradient, register, rule_update, trainable

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import UserError
-from ...rules.base import option
+from ...spec import option
 from ..scenarios import Task
 from .base import Batch, Strategy, register
 

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from ...errors import UserError
-from ...rules.base import Rule, option
+from ...rules.base import Rule
+from ...spec import option
 from ..scenarios import Task
 from .base import Strategy, add_penalty_gradient, register, trainable
 from .ewc import EWCConfig, diagonal_fisher

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import UserError
-from ...rules.base import option
+from ...spec import option
 from ..memory import MemoryOptions, MemoryStrategy
 from ..scenarios import Task
 from .base import Batch, concat, register
