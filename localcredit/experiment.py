@@ -30,6 +30,7 @@ from .data.svhn import load_svhn
 from .errors import UserError
 from .nets.architectures import NetSpec, parse_hidden
 from .rules.base import OptimConfig, Rule, parse_options
+from .rules.local_loss import LocalLossRule
 from .spec import at_least, option
 from .training.checkpoint import atomic_write_bytes
 from .training.config import TrainConfig, TrainSpec
@@ -69,6 +70,10 @@ def validate(spec: RunSpec) -> Any:
     options.check(spec)
     train_config(spec).validate()
     rule_cls = rules.get(spec.rule)
+    if spec.modules is not None and not issubclass(rule_cls, LocalLossRule):
+        with_losses = sorted(name for name in rules.available() if issubclass(rules.get(name), LocalLossRule))
+        raise UserError(f"--modules cuts the network for a rule with local losses ({', '.join(with_losses)}); "
+                        f"{spec.rule} has none to put on a module")
     return parse_options(rule_cls.Config, spec.options)
 
 

@@ -74,6 +74,17 @@ BAD_INPUTS = {
     "invertible-conv without leaky relu": (["train", "--rule", "bp", "--data", "fashion-mnist", "--arch",
                                             "invertible-conv", "--activation", "tanh"], "leaky ReLU"),
     "no command": ([], "required"),
+    "more modules than blocks": (["train", "--rule", "local-learned", "--data", "fashion-mnist", "--arch", "resnet",
+                                  "--depth", "8", "--modules", "5"], "cannot cut 4 hidden block(s) into 5 modules"),
+    "module counts that do not add up": (["train", "--rule", "dgl", "--data", "fashion-mnist", "--arch", "resnet",
+                                          "--depth", "8", "--modules", "1,2"], "add up to the network's 4 hidden"),
+    "malformed modules": (["train", "--rule", "dgl", "--data", "fashion-mnist", "--modules", "2,x"], "--modules"),
+    "zero modules": (["train", "--rule", "dgl", "--data", "fashion-mnist", "--modules", "0"], "--modules"),
+    "dgl's removed group option points to modules": (["train", "--rule", "dgl", "--data", "fashion-mnist", "--set",
+                                                      "group=2"], "--modules K"),
+    **{f"modules with {rule}, which has no local loss": (["train", "--rule", rule, "--data", "fashion-mnist",
+                                                          "--modules", "2"], f"{rule} has none")
+       for rule in ("bp", "fa", "dfa", "nan", "gaitprop", "tp", "itp")},
 }
 
 

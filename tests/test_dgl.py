@@ -1,4 +1,5 @@
-"""dgl: each module learns through its own auxiliary network; no error crosses a module; modules stay whole in a pipeline."""
+"""dgl: each module (--modules) learns through its own auxiliary network; no error crosses a module; modules stay
+whole in a pipeline."""
 
 import pytest
 import torch
@@ -41,15 +42,20 @@ class TestDecoupledGreedy(RuleContract):
     def class_rows(self, rule):
         return [*super().class_rows(rule), *(p for aux in rule.auxiliary.values() for p in aux[-1].parameters())]
 
-    @pytest.mark.parametrize("network,group,modules", [
-        (dict(arch="mlp", hidden=[64, 32, 32]), 1, [[0], [1], [2], [3]]),
-        (dict(DEEP_NETWORKS["resnet"], hidden=[]), 2, [[0, 1], [2, 3], [4]]),  # stem + unit 1 | units 2-3 | head
-        (DEEP_NETWORKS["vgg"], 2, [[0, 1], [2], [3]]),
+    @pytest.mark.parametrize("network,modules,sizes", [
+        (dict(arch="mlp", hidden=[64, 32, 32]), None, None),  # every block a module of its own
+        (dict(DEEP_NETWORKS["resnet"], hidden=[]), [2], [2, 2]),  # K = 2: stem + unit 1 | units 2-3 (then the head)
+        (DEEP_NETWORKS["vgg"], [2, 1], [2, 1]),
     ])
-    def test_no_error_crosses_a_module(self, fashion_small, network, group, modules):
-        rule = self.make(fashion_small, options=[f"group={group}"], **network)
-        assert [list(g) for g in rule.layer_groups()] == modules
+    def test_no_error_crosses_a_module(self, fashion_small, network, modules, sizes):
+        rule = self.make(fashion_small, modules=modules, **network)
+        assert rule.net.description.get("modules") == sizes
+        assert sorted(rule.auxiliary) == [str(m) for m in range(len(rule.net.blocks))]  # one per module
         assert_module_local(rule, *self.batch(fashion_small, n=32))
+
+    def test_the_group_option_points_to_modules(self):
+        with pytest.raises(UserError, match="--modules"):
+            parse_options(DGLConfig, ["group=2"])
 
     def test_auxiliary_network_is_mlp_sr(self, fashion_small):
         rule = self.make(fashion_small, options=["convs=2", "mlp=3"], **DEEP_NETWORKS["vgg"])

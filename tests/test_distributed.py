@@ -252,13 +252,13 @@ def test_block_pipeline_first_step_equals_the_sequential_rule(npz, tmp_path):
     bn_options = ["--rule", "local-learned", "--data", npz, "--arch", "vgg", "--channels", "4,M,8,M", "--hidden", "16",
                   "--epochs", "1", "--batch-size", "50", "--limit-train", "100", "--parallel", "blocks", "--procs", "2",
                   "--out", "bn"]
-    # predsim, and dgl with modules of 2 blocks (stages must not cut a module): 3 hidden blocks + head.
+    # predsim, and dgl on 3 hidden blocks cut into modules of 2 + 1 (--modules: a stage holds whole modules) + head.
     module_options = lambda rule, *opts: ["--rule", rule, "--data", npz, "--hidden", "32,32,32", "--epochs", "1",  # noqa: E731
                                           "--batch-size", "50", "--limit-train", "100", "--parallel", "blocks",
                                           "--procs", "2", "--out", rule, *opts]
     for proc in run_all(*(train_command(*options(rule)) for rule in LOCAL_RULES), train_command(*bn_options),
                         train_command(*module_options("predsim")),
-                        train_command(*module_options("dgl", "--set", "group=2")), cwd=tmp_path):
+                        train_command(*module_options("dgl", "--modules", "2,1")), cwd=tmp_path):
         ok(proc)
     for rule in LOCAL_RULES:
         single_process_run(npz, tmp_path / f"single-{rule}", rule, [64, 64], epochs=1, batch_size=100, limit=100)
@@ -269,14 +269,14 @@ def test_block_pipeline_first_step_equals_the_sequential_rule(npz, tmp_path):
                        arch="vgg", channels="4,M,8,M")
     assert_same_state(tmp_path / "bn", tmp_path / "single-bn", atol=1e-6)  # the state holds the BN statistics
     assert any("running_mean" in key for key in checkpoint(tmp_path / "bn")["rule"]["rule"])
-    for rule, options in (("predsim", []), ("dgl", ["group=2"])):
+    for rule, modules in (("predsim", None), ("dgl", [2, 1])):
         torch.set_num_threads(1)
         data = load(npz)
-        spec = RunSpec(rule=rule, data=npz, hidden=[32, 32, 32], options=options)
+        spec = RunSpec(rule=rule, data=npz, hidden=[32, 32, 32], modules=modules)
         Trainer(build_rule(spec, data), data, TrainConfig(epochs=1, batch_size=50, limit_train=100, progress=False),
                 out_dir=tmp_path / f"single-{rule}", run_info={"rule": rule}).fit()
         assert_same_state(tmp_path / rule, tmp_path / f"single-{rule}", atol=1e-6)
-    assert result(tmp_path / "dgl")["parallel"]["stages"] in ([[0, 1], [2, 3]], [[0, 1, 2], [3]])
+    assert result(tmp_path / "dgl")["parallel"]["stages"] in ([[0], [1, 2]], [[0, 1], [2]])  # module, block, head
 
 
 def test_block_pipeline_learns_and_resumes_to_the_sequential_run(npz, tmp_path):

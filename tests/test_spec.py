@@ -2,7 +2,9 @@
 repeats a run exactly; a bad config file is one line naming the key, exit 2, nothing written."""
 
 import json
-from dataclasses import fields
+import re
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import pytest
 import yaml
@@ -10,7 +12,9 @@ import yaml
 import localcredit as lc
 from localcredit import spec as options
 from localcredit.cli import build_parser, main
+from localcredit.continual.strategies.ewc import option as strategy_option
 from localcredit.experiment import RunSpec, read_config
+from localcredit.rules import base as rules_base
 
 from .test_cli import one_line_error, write_npz
 
@@ -18,7 +22,7 @@ from .test_cli import one_line_error, write_npz
 EVERY_OPTION = RunSpec(
     rule="fa", data="npz:/somewhere/data.npz", data_root="/somewhere", image_size=24, options=["init=gaussian"],
     arch="vgg", hidden=[32, 16], activation="tanh", channels="8,M,16,M", width=0.5, depth=14, norm="none",
-    patches=[2, 1],
+    patches=[2, 1], modules=[1, 2],
     dropout=0.25, epochs=7, batch_size=64, seed=3, limit_train=500, eval_every=2, augment="crop:2,flip",
     lr_schedule="step", milestones=[2, 5], lr_decay=0.5, log="csv", optimizer="sgd", lr=0.02, momentum=0.8,
     weight_decay=1e-4)
@@ -123,3 +127,30 @@ def test_bad_recipe_options_exit_2(argv, expect, tmp_path, capsys):
     data = write_npz(tmp_path / "d.npz")
     one_line_error(capsys, ["train", "--rule", "bp", "--data", data, *argv, "--out", str(tmp_path / "out")], expect)
     assert not (tmp_path / "out").exists()
+
+
+@dataclass
+class Demo:
+    """A Config declared as rules and strategies declare theirs."""
+
+    scale: float = options.option(1.0, "a scale", check=options.positive)
+    kind: Literal["a", "b"] = options.option("a", "a kind")
+    on: bool = options.option(False, "a switch")
+
+
+def test_rule_strategy_and_run_options_are_one_option_system():
+    assert rules_base.option is options.option and strategy_option is options.option
+    assert rules_base.parse_options(Demo, ["scale=2", "kind=b", "on=yes"]) == Demo(2.0, "b", True)
+    assert rules_base.make_config(Demo, {"scale": 3}) == Demo(3, "a", False)
+    for bad, message in ((["scale=-1"], "option scale must be positive, got -1.0"),
+                         (["kind=c"], "option kind='c' is not one of a, b"),
+                         (["on=maybe"], "option on='maybe' is not a valid bool"),
+                         (["scal=2"], "unknown option 'scal' for this rule (did you mean 'scale'?)"),
+                         (["scale"], "--set expects key=value")):
+        with pytest.raises(lc.UserError, match=re.escape(message)):
+            rules_base.parse_options(Demo, bad)
+    with pytest.raises(lc.UserError, match=re.escape("option kind='c' is not one of a, b")):
+        rules_base.make_config(Demo, {"kind": "c"})
+    # the same field reads the same way from a config file, and describes itself to `localcredit rules`
+    assert options.from_mapping(Demo, {"scale": "3", "kind": "b"}, "x.yaml") == {"scale": 3.0, "kind": "b"}
+    assert options.describe(Demo)[1] == {"name": "kind", "type": "a|b", "default": "a", "help": "a kind"}

@@ -13,6 +13,9 @@
   stem, three stages of k residual units (16, 32, 64 channels; stride 2 into stages 2 and 3,
   1x1 conv + BN projection shortcuts), global average pooling, the head. Each unit is a block.
 
+``--modules K`` (any architecture, rules with local losses) cuts the hidden blocks that were built into
+K contiguous modules, each one block of the network the rule sees (:meth:`BlockNet.in_modules`).
+
 ``--width`` multiplies every channel count; ``--norm batch|none`` and ``--dropout`` apply to every
 hidden block of the architectures that take them. An option an architecture does not read is
 refused rather than ignored.
@@ -59,6 +62,21 @@ def parse_hidden(text: str) -> list[int]:
     return sizes
 
 
+def parse_modules(text: str) -> list[int]:
+    """``"4"`` -> [4] (K = 4 modules, balanced by FLOPs); ``"1,3,3,2"`` -> [1, 3, 3, 2] (blocks per module)."""
+    if not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", text) or any(int(n) < 1 for n in text.split(",")):
+        raise UserError(f"--modules expects K (a positive number of modules) or positive blocks per module like "
+                        f"1,3,3,2, got {text!r}")
+    return [int(n) for n in text.split(",")]
+
+
+def modules_of(value: int | Sequence[int]) -> int | list[int]:
+    """``--modules`` as :meth:`BlockNet.in_modules` takes it: one number is K, several are blocks per module."""
+    if isinstance(value, int):
+        return value
+    return value[0] if len(value) == 1 else list(value)
+
+
 def parse_patches(text: str) -> list[int]:
     """``"2,2,1"`` -> [2, 2, 1]: the patch size k of each invertible conv layer."""
     if not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", text) or any(int(p) < 1 for p in text.split(",")):
@@ -99,6 +117,11 @@ class NetSpec:
                                        parse=parse_patches, metavar="K,K,...")
     dropout: float = option(0.0, "dropout probability after every hidden block (mlp, conv, lenet, vgg)",
                             parse=float, check=lambda p: None if 0 <= p < 1 else f"must be in [0, 1), got {p}")
+    modules: list[int] | None = option(None, "rules with local losses: cut the hidden blocks into K contiguous "
+                                             "modules of about equal FLOPs, each learning as one through the "
+                                             "rule's loss on its output (K = the number of blocks: one loss per "
+                                             "block, as without it); or blocks per module, e.g. 1,3,3,2 "
+                                             "(docs/modules.md)", parse=parse_modules, metavar="K|N,N,...")
 
     def net_spec(self) -> NetSpec:
         """Only the network options (a RunSpec is a NetSpec with more fields)."""
@@ -113,6 +136,8 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
+#: NetSpec fields every architecture takes (``modules`` regroups the blocks of whatever was built).
+EVERY_ARCH = ("arch", "modules")
 
 
 def register_architecture(name: str, build: Callable[[NetSpec, tuple[int, ...], int], BlockNet],
@@ -132,13 +157,14 @@ def build(spec: NetSpec, input_shape: Sequence[int], num_classes: int) -> BlockN
         raise UserError(f"unknown --arch {spec.arch!r}; choose from {', '.join(ARCHITECTURES)}")
     architecture = ARCHITECTURES[spec.arch]
     for f in fields(NetSpec):
-        if f.name != "arch" and f.name not in architecture.options and getattr(spec, f.name) != f.default:
+        if f.name not in EVERY_ARCH and f.name not in architecture.options and getattr(spec, f.name) != f.default:
             takes = ", ".join(f"--{o}" for o in sorted(architecture.options)) or "no options"
             raise UserError(f"--{f.name} does not apply to --arch {spec.arch} (it takes {takes})")
     check(spec.net_spec())
     if spec.activation is not None and spec.activation not in ACTIVATIONS and spec.arch != "invertible":
         raise UserError(f"unknown activation {spec.activation!r}; choose from {', '.join(ACTIVATIONS)}")
-    return architecture.build(spec, tuple(input_shape), num_classes)
+    net = architecture.build(spec, tuple(input_shape), num_classes)
+    return net if spec.modules is None else net.in_modules(modules_of(spec.modules))
 
 
 # ----- building blocks ---------------------------------------------------------------------------

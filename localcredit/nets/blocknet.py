@@ -5,6 +5,10 @@ residual unit, a whole stage. The block is the unit of *credit*: a local rule pu
 on each block's output, DFA injects its error there, ``align`` reports one figure per block. The
 head is the last block; its output is the logits.
 
+A network's blocks can be cut into contiguous **modules** (:meth:`BlockNet.in_modules`, ``--modules K``):
+the result is a BlockNet whose blocks are the modules, so a rule that puts one loss on each block puts
+one on each module, and a block pipeline keeps each module on one process, without knowing about it.
+
 The network owns its forward. Rules run it through :meth:`BlockNet.walk` (every block's output,
 optionally on detached inputs) or :meth:`BlockNet.block_forward` (one block), never by reaching into
 a block; rules that need per-layer math inside blocks get it from :mod:`localcredit.nets.layers`.
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .flops import balanced_split, layer_flops
 
 
 class BlockNet(nn.Module):
@@ -88,6 +93,27 @@ class BlockNet(nn.Module):
         """Per-sample shape of each hidden block's output h_l."""
         return self.output_shapes[:-1]
 
+    def in_modules(self, modules: int | Sequence[int]) -> BlockNet:
+        """This network with its hidden blocks cut into contiguous **modules**, each one block of the result.
+
+        ``modules``: K, for K modules of about equal forward FLOPs (:func:`module_sizes`), or the number
+        of blocks in each module, e.g. ``[1, 3, 3, 2]``. The head stays a block of its own. A rule sees
+        each module as one block: a local rule puts its loss on the module's output (the output of its
+        last block) and detaches the module's input, so inside a module the error travels by backprop
+        and no error crosses a module. A module of one block is that block itself, so cutting into as
+        many modules as blocks gives a network whose blocks, weights and forward are this one's.
+
+        The blocks are used as they are, not copied: both networks share their weights.
+        """
+        sizes = module_sizes(self, modules)
+        blocks, start = [], 0
+        for size in sizes:
+            group = list(self.blocks[start:start + size])
+            blocks.append(group[0] if size == 1 else nn.Sequential(*group))
+            start += size
+        return BlockNet(blocks, self.head, self.input_shape, self.num_classes, arch=self.arch, hidden=self.hidden,
+                        description={**self.description, "modules": sizes})
+
     @contextmanager
     def statistics_kept(self) -> Iterator[None]:
         """Forwards inside leave every buffer (batch-norm statistics) as it was.
@@ -131,6 +157,28 @@ def probe_output_shapes(layers: Sequence[nn.Module], input_shape: tuple[int, ...
         for module, training in modes:
             module.training = training
     return shapes
+
+
+def module_sizes(net: BlockNet, modules: int | Sequence[int]) -> list[int]:
+    """Blocks per module when ``net``'s hidden blocks are cut into ``modules`` (see :meth:`BlockNet.in_modules`).
+
+    K (an int): the K contiguous modules whose largest forward FLOPs per sample is smallest (of those cuts,
+    the most even, then the earliest; :func:`~localcredit.nets.flops.balanced_split`). A list: the counts
+    themselves, checked to be positive and to add up to the number of hidden blocks.
+    """
+    blocks = len(net.blocks)
+    if isinstance(modules, bool) or not isinstance(modules, (int, list, tuple)):
+        raise UserError(f"modules must be K (an int) or a list of blocks per module, got {modules!r}")
+    if isinstance(modules, int):
+        if not 1 <= modules <= blocks:
+            raise UserError(f"cannot cut {blocks} hidden block(s) into {modules} modules: K must be between 1 and "
+                            f"{blocks} (the head is a block of its own, in no module)")
+        return balanced_split(layer_flops(list(net.blocks), net.input_shape), modules)
+    sizes = list(modules)
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes) or sum(sizes) != blocks:
+        raise UserError(f"modules {','.join(map(str, sizes)) or '(none)'} must be positive counts of blocks that add "
+                        f"up to the network's {blocks} hidden block(s) (the head is a block of its own)")
+    return sizes
 
 
 def has_parameters(module: nn.Module) -> bool:

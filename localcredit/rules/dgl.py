@@ -1,9 +1,11 @@
 """Decoupled greedy learning: DGL (Belilovsky, Eickenberg & Oyallon 2020).
 
-Belilovsky, Eickenberg and Oyallon, "Decoupled greedy learning of CNNs", ICML 2020. The network is
-cut into modules of ``group`` consecutive blocks; each module learns from the cross-entropy of its
-own auxiliary network on the module's output, its input detached, so no error crosses a module
-boundary and every module can learn at once (``--parallel blocks`` puts whole modules on processes).
+Belilovsky, Eickenberg and Oyallon, "Decoupled greedy learning of CNNs", ICML 2020. Each block
+learns from the cross-entropy of its own auxiliary network on the block's output, its input
+detached, so no error crosses a block boundary and every block can learn at once. The paper's K
+modules of consecutive blocks are the network option ``--modules K`` (every block of the network
+the rule sees is then a module, :meth:`~localcredit.nets.blocknet.BlockNet.in_modules`;
+``--parallel blocks`` puts whole modules on processes).
 The auxiliary network is the paper's "mlp-sr": on a conv output, ``convs`` 1x1 convolutions with
 batch norm and ReLU (as many channels as the block, by default), an average to 2x2, then an MLP of
 ``mlp`` layers ending in the class scores; on a dense output, the MLP alone. The head learns from its
@@ -29,13 +31,15 @@ class DGLConfig:
                            "the MLP's hidden layers are as wide as its input")
     convs: int = option(2, "1x1 conv + BN + ReLU layers of the auxiliary network before the 2x2 average (conv blocks)")
     mlp: int = option(3, "layers of the auxiliary MLP, the last one giving the class scores")
-    group: int = option(1, "consecutive blocks per module: a module learns as one, through the auxiliary "
-                           "network on its last block (the paper's K modules of a ResNet)")
+    group: int = option(1, "removed: cut the network into modules with --modules K (every local rule); only 1 "
+                           "(every block its own module) is accepted")
 
     def validate(self) -> None:
-        for name in ("mlp", "group"):
-            if getattr(self, name) < 1:
-                raise UserError(f"option {name} must be at least 1, got {getattr(self, name)}")
+        if self.group != 1:
+            raise UserError(f"option group was removed: cut the network into modules with --modules K (every rule "
+                            f"with local losses takes it), e.g. --modules 4; see docs/modules.md (got group={self.group})")
+        if self.mlp < 1:
+            raise UserError(f"option mlp must be at least 1, got {self.mlp}")
         for name in ("width", "convs"):
             if getattr(self, name) < 0:
                 raise UserError(f"option {name} must be >= 0, got {getattr(self, name)}")
@@ -66,26 +70,18 @@ def auxiliary_network(shape: tuple[int, ...], num_classes: int, config: DGLConfi
 
 @register("dgl")
 class DecoupledGreedy(LocalLossRule):
-    """DGL (Belilovsky et al. 2020): each module of blocks learns through its own auxiliary network; no error crosses modules."""
+    """DGL (Belilovsky et al. 2020): each block (module, with --modules K) learns through its own auxiliary network."""
 
     Config = DGLConfig
 
     def __init__(self, net, config=None, optim=None):
         super().__init__(net, config, optim)
-        shapes = net.hidden_shapes()
-        # One auxiliary network per module, on its last block (the head is its own module).
-        self.auxiliary = nn.ModuleDict({str(group[-1]): auxiliary_network(shapes[group[-1]], net.num_classes, self.config)
-                                        for group in self.layer_groups()[:-1]})
+        # One auxiliary network per hidden block (per module of a network cut into modules), keyed by its index.
+        self.auxiliary = nn.ModuleDict({str(l): auxiliary_network(shape, net.num_classes, self.config)
+                                        for l, shape in enumerate(net.hidden_shapes())})
 
-    def layer_groups(self) -> list[range]:
-        blocks, size = len(self.net.blocks), self.config.group
-        return [*(range(start, min(start + size, blocks)) for start in range(0, blocks, size)),
-                range(blocks, blocks + 1)]
-
-    def block_loss(self, l: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        if str(l) not in self.auxiliary:
-            return None  # inside a module: its error comes from the module's end
+    def block_loss(self, l: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.class_loss(self.auxiliary[str(l)](h), y)
 
     def auxiliary_parameters(self, l: int) -> list[nn.Parameter]:
-        return list(self.auxiliary[str(l)].parameters()) if str(l) in self.auxiliary else []
+        return list(self.auxiliary[str(l)].parameters())

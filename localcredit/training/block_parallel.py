@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-import time
 from collections import deque
-from collections.abc import Sequence
-from functools import cache
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +24,7 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import UserError
+from ..nets.flops import balanced_split
 from ..rules.base import Rule
 from .parallel import Rank, _Agreeing, broadcast_state
 from .progress import Diverged, EpochProgress
@@ -58,26 +57,9 @@ def probe_layers(rule: Rule, x: torch.Tensor, y: torch.Tensor) -> tuple[list[int
 
 def partition(costs: Sequence[float], parts: int) -> list[range]:
     """Split layers 0..n-1 into ``parts`` contiguous, non-empty groups minimising the largest cost."""
-    n = len(costs)
-    if not 1 <= parts <= n:
-        raise ValueError(f"cannot split {n} layers into {parts} groups")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-
-    @cache
-    def best(start: int, k: int) -> tuple[float, tuple[int, ...]]:
-        if k == 1:
-            return prefix[n] - prefix[start], (n,)
-        options = []
-        for end in range(start + 1, n - k + 2):
-            rest, cuts = best(end, k - 1)
-            options.append((max(prefix[end] - prefix[start], rest), (end, *cuts)))
-        return min(options)
-
-    _, cuts = best(0, parts)
-    starts = (0, *cuts[:-1])
-    return [range(a, b) for a, b in zip(starts, cuts)]
+    sizes = balanced_split(costs, parts)
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    return [range(a, a + size) for a, size in zip(starts, sizes)]
 
 
 def grouped_partition(costs: Sequence[float], groups: Sequence[range], parts: int) -> list[range]:
@@ -160,41 +142,7 @@ class BlockPipeline(_Agreeing):
 
     # ----- one epoch ---------------------------------------------------------------------------
     def train_epoch(self, trainer: Trainer, progress: EpochProgress) -> None:
-        rule, rank, epoch, first = trainer.rule, self.place.rank, progress.epoch, progress.steps_done
-        rule.net.train()
-        in_use = rule.layers_in_use()
-        own = [l for l in self.own if l < in_use]
-        steps = trainer.steps_per_epoch
-        batches = trainer.epoch_batches(epoch, first)
-        inbox = self._inbox(rule, own, batches, trainer.x_train.dtype, first)
-        outbox = Outbox(rank + 1, self.place) if rank + 1 < self.place.world and self.stages[rank + 1][0] < in_use else None
-        sums = _EpochSums(self.place.device, _own_entry(progress.totals, rank, self.place.world))
-        # A stage with no layer in use idles through the steps, only taking part in the decisions.
-        inputs = trainer.training_batches(epoch, first) if own else itertools.repeat((None, None))
-        bar = trainer.progress_bar(epoch, steps, first)
-        start = time.perf_counter()
-        for step, (x, y) in zip(range(first, steps), inputs):
-            if own:
-                h = inbox.take() if inbox is not None else x
-                assert h is not None and y is not None  # a stage with layers in use gets the real batches
-                self._micro_batch(rule, own, h, y, step, outbox, sums)
-            bar.update()
-            progress.steps_done = step + 1
-            trainer.at_step_boundary(progress, time.perf_counter() - start, totals=lambda: self._partial_sums(sums))
-        bar.close()
-        if outbox is not None:
-            outbox.drain()
-        totals, first_bad = sums.reduce(rule)
-        seconds = progress.seconds + time.perf_counter() - start  # the reduce waited for the slowest stage
-        self._sum_block_counters(rule)
-        if first_bad < steps:
-            raise Diverged(epoch + 1, int(first_bad) + 1, "the loss")
-        if totals["nonfinite_weights"]:
-            raise Diverged(epoch + 1, steps, "a weight")
-        stats = {"loss": totals["loss"] / steps}
-        if totals["head_steps"]:
-            stats["head_loss"] = totals["head_loss"] / totals["head_steps"]
-        trainer.record_epoch(epoch, seconds, stats)
+        trainer.train_epoch(progress, work=lambda trainer, progress, bar: _StageWork(self, trainer, progress))
 
     def _partial_sums(self, sums: _EpochSums) -> dict[str, Any]:
         """Every stage's sums so far, by rank: a resumed stage continues its own (the same float sums)."""
@@ -214,24 +162,6 @@ class BlockPipeline(_Agreeing):
             return None
         shape = self.output_shapes[own[0] - 1]  # the output of the layer below my first
         return Inbox(self.place.rank - 1, [(len(b), *shape) for b in batches], dtype, self.place, first_step)
-
-    @staticmethod
-    def _micro_batch(rule: Rule, own: list[int], h: torch.Tensor, y: torch.Tensor, step: int,
-                     outbox: Outbox | None, sums: _EpochSums) -> None:
-        rule.zero_grad()
-        step_loss = h.new_zeros(())
-        for l in own:
-            h, loss = rule.block_step_loss(l, h, y)
-            if l == own[-1] and outbox is not None:
-                outbox.send(h, step)  # the next stage starts while this one runs its backward passes
-            if loss is not None:
-                loss.backward()
-                step_loss += loss.detach()
-                if l == len(rule.net.blocks):
-                    sums.add_head(loss.detach())
-        for l in own:
-            rule.optimizers[l].step()
-        sums.add_step(step, step_loss)
 
     def _sum_block_counters(self, rule: Rule) -> None:
         for counter in rule.block_counters():
@@ -257,6 +187,64 @@ class BlockPipeline(_Agreeing):
     def describe(self) -> dict[str, Any]:
         return {"mode": "blocks", "procs": self.place.world, "backend": self.backend,
                 "stages": [list(stage) for stage in self.stages], "layer_flops": self.costs}
+
+
+class _StageWork:
+    """One pipeline stage's epoch: each micro-batch's input from the stage below (the batch itself on the
+    first), the rule's local step loop on this stage's layers in use, the output on to the stage above. A
+    stage with no layer in use idles through the steps, only taking part in the decisions."""
+
+    def __init__(self, pipeline: BlockPipeline, trainer: Trainer, progress: EpochProgress):
+        self.pipeline, self.trainer, self.progress = pipeline, trainer, progress
+        rule, place, rank, first = trainer.rule, pipeline.place, pipeline.place.rank, progress.steps_done
+        rule.net.train()
+        in_use = rule.layers_in_use()
+        self.own = [l for l in pipeline.own if l < in_use]
+        self.inbox = pipeline._inbox(rule, self.own, trainer.epoch_batches(progress.epoch, first),
+                                     trainer.x_train.dtype, first)
+        above = rank + 1 < place.world and pipeline.stages[rank + 1][0] < in_use
+        self.outbox = Outbox(rank + 1, place) if above else None
+        self.sums = _EpochSums(place.device, _own_entry(progress.totals, rank, place.world))
+
+    def batches(self) -> Iterable[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        if not self.own:
+            return itertools.repeat((None, None))
+        return self.trainer.training_batches(self.progress.epoch, self.progress.steps_done)
+
+    def run_step(self, step: int, x: torch.Tensor | None, y: torch.Tensor | None) -> None:
+        if not self.own:
+            return
+        h = self.inbox.take() if self.inbox is not None else x
+        assert h is not None and y is not None  # a stage with layers in use gets the real batches
+        rule, outbox = self.trainer.rule, self.outbox
+        rule.zero_grad()
+        # The next stage starts on the output while this one runs its backward passes.
+        send = (lambda out: outbox.send(out, step)) if outbox is not None else None
+        _, figures = rule.train_layers(self.own, h, y, on_output=send)
+        for l in self.own:
+            rule.optimizers[l].step()
+        self.sums.add_step(step, figures["loss"])
+        if "head_loss" in figures:
+            self.sums.add_head(figures["head_loss"])
+
+    def summed(self) -> dict[str, Any]:
+        return self.pipeline._partial_sums(self.sums)
+
+    def end(self) -> dict[str, float]:
+        """The figures summed over the stages; the weights checked (the reduce waits for the slowest stage)."""
+        if self.outbox is not None:
+            self.outbox.drain()
+        rule, epoch, steps = self.trainer.rule, self.progress.epoch, self.trainer.steps_per_epoch
+        totals, first_bad = self.sums.reduce(rule)
+        self.pipeline._sum_block_counters(rule)
+        if first_bad < steps:
+            raise Diverged(epoch + 1, int(first_bad) + 1, "the loss")
+        if totals["nonfinite_weights"]:
+            raise Diverged(epoch + 1, steps, "a weight")
+        stats = {"loss": totals["loss"] / steps}
+        if totals["head_steps"]:
+            stats["head_loss"] = totals["head_loss"] / totals["head_steps"]
+        return stats
 
 
 class _EpochSums:
