@@ -37,6 +37,7 @@ from .experiment import (
 from .rules.alignment import alignment
 from .training import distributed
 from .training.config import TrainSpec, epoch_order
+from .training.loggers import logger_problem
 from .training.progress import Diverged
 from .training.runfiles import (
     Interrupted,
@@ -294,10 +295,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
     workers = max(1, min(4, cores)) if args.workers is None else args.workers
     threads = max(1, cores // max(workers, 1)) if args.threads is None else args.threads
+    if problem := logger_problem(args.log):
+        raise UserError(f"--log {problem}")
     if args.suite == "continual":
         return _bench_continual(args, names, workers, threads)
+    if args.suite == "speed":
+        return _bench_speed(args, names)
+    if args.suite == "modules":
+        return _bench_modules(args, names, workers, threads)
+    if args.suite == "claims":
+        return _bench_claims(args, names, workers, threads)
     if args.quick:
-        raise UserError("--quick applies to --suite continual (the train suites' short one is --suite quick)")
+        raise UserError("--quick applies to --suite continual, speed, modules and claims (the train suites' short one "
+                        "is --suite quick)")
     suite = with_seeds(get_suite(args.suite), args.seeds)
     cases = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases is not None else None
     if args.device is not None:
@@ -306,7 +316,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            workers=workers, threads=threads, resume=args.resume, overwrite=args.overwrite,
                            progress=not args.quiet, command="localcredit " + shlex.join(args.argv),
                            resume_hint=_resume_command(args.argv),
-                           device=None if args.device is None else args.device, cases=cases)
+                           device=None if args.device is None else args.device, cases=cases, log=args.log)
     if args.estimate:
         return _print_estimate(estimate(options), workers)
     summary = run_bench(options)
@@ -328,10 +338,77 @@ def _bench_continual(args: argparse.Namespace, names: list[str] | None, workers:
     options = ContinualBenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
                                     workers=workers, threads=threads, progress=not args.quiet,
                                     command="localcredit " + shlex.join(args.argv), resume=args.resume,
-                                    overwrite=args.overwrite, resume_hint=_resume_command(args.argv))
+                                    overwrite=args.overwrite, resume_hint=_resume_command(args.argv), log=args.log)
     summary = run_continual_bench(options)
     print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
           f"{options.out}/: {', '.join(summary['files'])}")
+    return 0
+
+
+def _bench_speed(args: argparse.Namespace, names: list[str] | None) -> int:
+    """``bench --suite speed [--quick]``: every rule's step time, FLOPs and memory against BP, steps interleaved
+    in this process (bench/speed_suite.py)."""
+    from .bench.speed_suite import SpeedOptions, get_speed_suite, run_speed
+
+    unused = [flag for flag, given in (("--cases", args.cases is not None), ("--estimate", args.estimate),
+                                       ("--seeds", args.seeds is not None), ("--workers", args.workers is not None),
+                                       ("--resume", args.resume), ("--log", args.log != "none")) if given]
+    if unused:
+        raise UserError(f"{', '.join(unused)}: not for the speed suite (one process steps every rule in turn; "
+                        f"docs/bench.md)")
+    options = SpeedOptions(suite=get_speed_suite(args.quick), out=Path(args.out or "runs/bench/speed"),
+                           rule_names=names, threads=args.threads,
+                           device=resolve_device(args.device) if args.device is not None else "cpu",
+                           command="localcredit " + shlex.join(args.argv), progress=not args.quiet,
+                           overwrite=args.overwrite)
+    summary = run_speed(options)
+    failed = f"; failed: {', '.join(summary['failed'])}" if summary["failed"] else ""
+    print(f"bench {options.suite.name}: {options.out}/: {', '.join(summary['files'])}{failed}")
+    return 1 if summary["failed"] else 0
+
+
+def _bench_modules(args: argparse.Namespace, names: list[str] | None, workers: int, threads: int) -> int:
+    """``bench --suite modules [--quick]``: error and memory against K modules (bench/modules_suite.py)."""
+    from .bench.modules_suite import ModulesBenchOptions, get_modules_suite, run_modules_bench, with_seeds
+
+    unused = [flag for flag, given in (("--cases", args.cases is not None), ("--estimate", args.estimate)) if given]
+    if unused:
+        raise UserError(f"{', '.join(unused)}: not for the modules suite (docs/bench.md gives its cost)")
+    if args.device is not None:
+        resolve_device(args.device)  # a device this machine lacks is refused before any run starts
+    suite = with_seeds(get_modules_suite(args.quick), args.seeds)
+    options = ModulesBenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
+                                  workers=workers, threads=threads, progress=not args.quiet,
+                                  command="localcredit " + shlex.join(args.argv), resume=args.resume,
+                                  overwrite=args.overwrite, resume_hint=_resume_command(args.argv), device=args.device,
+                                  log=args.log)
+    summary = run_modules_bench(options)
+    print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
+          f"{options.out}/: {', '.join(summary['files'])}")
+    return 0
+
+
+def _bench_claims(args: argparse.Namespace, names: list[str] | None, workers: int, threads: int) -> int:
+    """``bench --suite claims [--quick] [--cases a,b]``: a verdict per claim of the seed papers (bench/claims_suite.py)."""
+    from .bench.claims_suite import ClaimsOptions, run_claims
+
+    unused = [flag for flag, given in (("--rules", names is not None), ("--estimate", args.estimate)) if given]
+    if unused:
+        raise UserError(f"{', '.join(unused)}: not for the claims suite (its cases choose their rows; a --quick run's "
+                        f"RESULTS.md estimates the full run's CPU time)")
+    if args.device is not None:
+        resolve_device(args.device)  # a device this machine lacks is refused before any run starts
+    cases = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases is not None else None
+    quick = "-quick" if args.quick else ""
+    options = ClaimsOptions(out=Path(args.out or f"runs/bench/claims{quick}"), quick=args.quick, cases=cases,
+                            seeds=args.seeds, workers=workers, threads=threads, progress=not args.quiet,
+                            command="localcredit " + shlex.join(args.argv), resume=args.resume,
+                            overwrite=args.overwrite, resume_hint=_resume_command(args.argv),
+                            passed_on=(*(("--device", args.device) if args.device else ()),
+                                       *(("--log", args.log) if args.log != "none" else ())))
+    summary = run_claims(options)
+    print(f"bench claims{' (quick)' if args.quick else ''}: {summary['trained']} runs trained, {summary['skipped']} "
+          f"already finished, {summary['measured']} measurements; {options.out}/: {', '.join(summary['files'])}")
     return 0
 
 
@@ -417,20 +494,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_strategies)
 
     p = sub.add_parser("bench", help="run a benchmark suite: every rule x data set x seed -> table and plots")
-    p.add_argument("--suite", required=True, help="smoke | quick | full | conv | paper | continual (see docs/bench.md)")
+    p.add_argument("--suite", required=True,
+                   help="smoke | quick | full | conv | paper | continual | speed | modules | claims (see docs/bench.md)")
     p.add_argument("--quick", action="store_true",
-                   help="continual suite: its short version (3 rules x 3 strategies x 2 scenarios, 300 steps per task)")
+                   help="continual suite: its short version (3 rules x 3 strategies x 2 scenarios, 300 steps per task); "
+                        "speed suite: batch 32, 5 timed rounds, 1 thread (a check that it runs); modules suite: a "
+                        "smoke run (resnet-8, K = 1, 2, 4, 4,000 images, 1 epoch); claims suite: every case at 2 "
+                        "epochs on 1,000-2,000 images, 1 seed, no tuning (verdicts marked as quick)")
     _add_output_options(p, "runs/bench/<suite>; with --resume, finished runs are skipped")
     p.add_argument("--seeds", type=int, default=None, help="seeds per rule and data set (default: the suite's)")
     p.add_argument("--rules", default=None, help="comma-separated subset of rows: rules, or a paper suite's pred, sim "
                                                  "(default: the suite's rows; every registered rule for most)")
-    p.add_argument("--cases", default=None, help="paper suite: comma-separated cases to run (default: all)")
+    p.add_argument("--cases", default=None, help="paper and claims suites: comma-separated cases to run (default: all)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto, passed on to every training "
                                                   "(default: train's, auto)")
     p.add_argument("--estimate", action="store_true",
                    help="print each row's CPU hours (a short probe's step time x the planned steps); train nothing")
     p.add_argument("--workers", type=int, default=None, help="runs at a time (default: CPU cores, at most 4)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / workers)")
+    p.add_argument("--log", default="none", help="passed on to every training: none | csv | tensorboard (each run's "
+                                                 "figures in its folder's logs/; default none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
 

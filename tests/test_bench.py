@@ -112,7 +112,7 @@ def test_widen_only_at_an_edge():
 @pytest.mark.slow
 def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path):
     options = BenchOptions(suite=TINY, out=tmp_path, rule_names=["bp", "local-random"], workers=2, threads=1,
-                           progress=False, command="pytest tiny suite")
+                           progress=False, command="pytest tiny suite", log="csv")
     summary = run_bench(options)
     assert summary["trained"] == 2 * 3 + 2 and summary["skipped"] == 0
 
@@ -132,6 +132,7 @@ def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path
     assert float(local["step_memory_ratio_to_bp"]) > 0
     assert len(local["alignment_final"].split()) == 3
 
+    assert len(list(tmp_path.glob("runs/**/logs/steps.csv"))) == 8  # --log is passed on to every training
     assert not list(tmp_path.glob("runs/tune/**/checkpoint.pt"))  # tuning weights are not kept
     assert len(list(tmp_path.glob("runs/final/**/checkpoint.pt"))) == 2
 
@@ -157,6 +158,7 @@ def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path
     (["bench", "--suite", "smoke", "--rules", "bp,nope"], "unknown rule"),
     (["bench", "--suite", "smoke", "--seeds", "0"], "--seeds must be at least 1"),
     (["bench", "--suite", "smoke", "--workers", "0"], "--workers must be at least 1"),
+    (["bench", "--suite", "smoke", "--log", "wandb"], "--log must be one of none, csv, tensorboard"),
 ])
 def test_bad_bench_options_exit_2_with_one_line_and_write_nothing(argv, message, tmp_path, capsys):
     out = tmp_path / "bench"

@@ -228,8 +228,9 @@ def markdown(options, rows: list[dict], chosen: Sequence[Entry]) -> str:
                   f"F = forgetting %)", "", *scenario_table(rows, suite, chosen, scenario, sources), "",
                   f"![{scenario}]({accuracy_plot(scenario)})", ""]
     if sources.numbers:
+        departure = f" Not the same budget: {suite.departure}." if suite.departure else ""
         lines += ["Published figures (BP on the same MLP), by source:", "", *sources.lines(), "",
-                  f"{CONTINUAL_NOTE}.", ""]
+                  f"{CONTINUAL_NOTE}.{departure}", ""]
     lines += ["## Strategy strengths", "", *tuning_lines(rows, suite, chosen), "",
               "## Stability gap", "",
               "Accuracy on the first task while the later ones are learned (seed 0; dashed: task switches), BP "

@@ -224,7 +224,7 @@ SUITES: dict[str, Suite] = {
 
 def get_suite(name: str) -> Suite:
     if name not in SUITES:
-        raise UserError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}, continual")  # continual_suite.py
+        raise UserError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}, continual, speed, modules, claims")
     return SUITES[name]
 
 
@@ -329,10 +329,9 @@ def spec_of(run: Run, suite: Suite) -> RunSpec:
                    lr=run.lr, seed=run.seed)
 
 
-def train_arguments(run: Run, suite: Suite, out: Path, threads: int, device: str | None = None) -> list[str]:
-    """The ``localcredit train`` command line of one run (``device``: passed on as --device)."""
-    where = ["--device", device] if device else []
-    return ["train", *to_argv(spec_of(run, suite)), "--threads", str(threads), *where, "--out",
+def train_arguments(run: Run, suite: Suite, out: Path, threads: int, passed_on: Sequence[str] = ()) -> list[str]:
+    """The ``localcredit train`` command line of one run (``passed_on``: the bench's --device and --log, as given)."""
+    return ["train", *to_argv(spec_of(run, suite)), "--threads", str(threads), *passed_on, "--out",
             str(run.folder(out)), "--quiet"]
 
 

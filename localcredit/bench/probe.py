@@ -23,12 +23,15 @@ differences between rules. Run each probe in a fresh process (``python -m localc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import statistics
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -40,14 +43,21 @@ def step_times_ms(rule: Rule, batches: Sequence[tuple[torch.Tensor, torch.Tensor
     """Milliseconds of each ``rule.step`` over ``batches`` after ``warmup`` untimed steps."""
     for x, y in batches[:warmup]:
         rule.step(x, y)
-    times = []
-    for x, y in batches[warmup:]:
-        _finish(x.device)
-        start = time.perf_counter()
+    return [timed_step_ms(rule, x, y) for x, y in batches[warmup:]]
+
+
+def timed_step_ms(rule: Rule, x: torch.Tensor, y: torch.Tensor,
+                  guard: AbstractContextManager[Any] | None = None) -> float:
+    """Milliseconds of one ``rule.step(x, y)``, the device's queued work finished before and after it.
+
+    ``guard`` is entered around the step alone (not the waits): e.g. a check that the step makes
+    the host wait for nothing (``benchmarks/gpu_speed.py``)."""
+    _finish(x.device)
+    start = time.perf_counter()
+    with guard if guard is not None else contextlib.nullcontext():
         rule.step(x, y)
-        _finish(x.device)
-        times.append(1000 * (time.perf_counter() - start))
-    return times
+    _finish(x.device)
+    return 1000 * (time.perf_counter() - start)
 
 
 def _finish(device: torch.device) -> None:

@@ -118,3 +118,73 @@ SPLIT_MNIST_BP: dict[tuple[str, str], tuple[PublishedAccuracy, ...]] = {
     key: tuple(table[key] for table in (_split_mnist_2019(), _SPLIT_MNIST_2022) if key in table)
     for key in {**_split_mnist_2019(), **_SPLIT_MNIST_2022}
 }
+
+
+# ----- modules: InfoPro's CIFAR-10 table (``localcredit bench --suite modules``) -------------------------
+INFOPRO = ("Wang, Ni, Song, Yang & Huang 2021, 'Revisiting locally supervised learning', ICLR, CIFAR-10 ResNet-110 "
+           "test errors (as METHODS.md copies InfoPro's table)")
+#: Said under the table: their training and their K differ from ours.
+INFOPRO_NOTE = ("CIFAR-10, ResNet-110 (a stem and 54 residual units), 160 epochs of SGD (Nesterov momentum 0.9, weight "
+                "decay 1e-4, batch 1024, learning rate 0.8, 10 warm-up epochs then cosine), crop and flip (their "
+                "code's train.py): another data set, network and recipe, shown for the shape of error against K. Their "
+                "K modules end with the network's classifier: the last module learns end to end through it, so K = 1 "
+                "is end-to-end training. Here infopro does the same; the other local rules' last module learns from "
+                "its own loss and the head on its detached output. Their DGL rows are DGL as they re-implemented it")
+
+#: (row, K) -> the published test error; row "bp" is end-to-end training (K = 1).
+INFOPRO_CIFAR10: dict[tuple[str, int], Published] = {
+    ("bp", 1): Published(6.50, INFOPRO, bp_free=False),
+    ("infopro", 2): Published(6.41, INFOPRO, bp_free=None, note="gradient-isolated between modules, BP inside them"),
+    **{("dgl", k): Published(error, INFOPRO, bp_free=None, note="gradient-isolated between modules, BP inside them")
+       for k, error in ((2, 7.70), (4, 10.50), (8, 12.46), (16, 13.80))},
+}
+
+
+# ----- the seed papers' claims (``localcredit bench --suite claims``, issue 28) --------------------------
+SEED_000 = "seed abstract 000: Moakhar et al. 2023, arXiv 2310.09952 (only the abstract is reachable)"
+SEED_001 = "seed abstract 001: Yin et al. 2023, arXiv 2310.07885"
+SEED_002 = "seed abstract 002: Mostafa, Ramesh & Cauwenberghs 2018 (the paper's tables were not reachable)"
+SEED_003 = "seed abstract 003: Dalm, Ahmad, Ambrogioni & van Gerven, arXiv 2102.11598 (TMLR 2023)"
+
+
+@dataclass(frozen=True)
+class PublishedClaim:
+    """What a seed paper says about one claim: its figure (words where it gives none) and where it says so."""
+
+    figure: str
+    source: str
+
+
+SEED_CLAIMS = {
+    "lfnn-matches-bp": PublishedClaim(
+        "1.20 % test error (LFNN-l as the abstract names it; the log does not say lfnn-l or lfnn, nor final or "
+        "best epoch; no BP figure for this net)",
+        f"{LFNN_LOGS}, MLP 784-256-128, 32 workers, delta 0.7, Adam 5e-4, batch 128, 50 epochs (METHODS.md)"),
+    "lfnn-beats-bp-free": PublishedClaim(
+        "'significantly lower error rates than previous BP-free algorithms on MNIST' (no per-rule figure reachable)",
+        SEED_001),
+    "lfnn-cifar-imagenet": PublishedClaim(
+        "CIFAR-10 conv 64/128/256: 20.95 % error; ImageNet ResNet-101: 78.87 % top-1 as quoted; both from code "
+        "that is not BP-free (METHODS.md)", f"{SEED_001}; {LFNN_LOGS}"),
+    "random-beats-fa": PublishedClaim(
+        "fixed random classifiers 'outperform feedback alignment on MNIST, CIFAR10 and SVHN, approaching the "
+        "performance of standard backpropagation' (figures not reachable)", SEED_002),
+    "random-memory": PublishedClaim(
+        "'drastically reduce memory traffic and data communication overheads' in custom hardware (no figure)",
+        SEED_002),
+    "random-cifar-svhn": PublishedClaim(
+        "the same comparison on CIFAR-10 and SVHN (figures not reachable)", SEED_002),
+    "gait-near-bp": PublishedClaim(
+        "MNIST / Fashion-MNIST / KMNIST indistinguishable from BP; deep MLPs (input -> 1024, five square 1024 "
+        "layers) stable and near BP with adaptive gamma (figures not reachable here)",
+        f"{SEED_003}; Ahmad et al. NeurIPS 2020 (METHODS.md section 003)"),
+    "gait-credit": PublishedClaim(
+        "'effective multi-layer credit assignment in deeper networks' (no per-layer figure reachable)", SEED_003),
+    "gait-imagenet": PublishedClaim(
+        "CIFAR-10 deep MLPs and ImageNet with invertible conv nets (figures not reachable)", SEED_003),
+    "nan-equals-bp": PublishedClaim(
+        "'conditions under which the derived strategy is equivalent to error-backpropagation' (a theorem)", SEED_000),
+    "nan-forgets-less": PublishedClaim(
+        "'superior performance relative to error-backpropagation in a catastrophic forgetting benchmark' "
+        "(no figure reachable)", SEED_000),
+}

@@ -127,10 +127,10 @@ def execute(argv: list[str], folder: Path, threads: int) -> int | None:
 
 
 def run_stage(runs: list[Run], suite: Suite, out: Path, workers: int, threads: int, progress: bool,
-              desc: str, device: str | None = None) -> tuple[int, int]:
+              desc: str, passed_on: Sequence[str] = ()) -> tuple[int, int]:
     """Train every unfinished run of a stage, ``workers`` at a time; return (trained now, skipped as finished)."""
     todo = [run for run in runs if not is_finished(read_result(run.folder(out)))]
-    failed = run_pool(todo, lambda run: train_one(run, suite, out, threads, device), workers, progress, desc,
+    failed = run_pool(todo, lambda run: train_one(run, suite, out, threads, passed_on), workers, progress, desc,
                       label=lambda run: run.entry.label, ok_codes=(0, 1))  # 1 = diverged, recorded in its result.json
     TRAININGS.check()
     if failed:
@@ -156,8 +156,8 @@ def run_pool(jobs: Sequence, start: Callable[[Any], int | None], workers: int, p
     return failed
 
 
-def train_one(run: Run, suite: Suite, out: Path, threads: int, device: str | None = None) -> int | None:
-    code = execute(train_arguments(run, suite, out, threads, device), run.folder(out), threads)
+def train_one(run: Run, suite: Suite, out: Path, threads: int, passed_on: Sequence[str] = ()) -> int | None:
+    code = execute(train_arguments(run, suite, out, threads, passed_on), run.folder(out), threads)
     if run.stage == "tune" and is_finished(read_result(run.folder(out))):
         # Only the validation accuracy of a tuning run is used; its weights would fill the disk
         # (the full suite's tuning checkpoints take gigabytes).
@@ -295,7 +295,14 @@ class BenchOptions:
     overwrite: bool = False
     resume_hint: str = ""
     device: str | None = None  # passed on to every training as --device (None: train's default, auto)
+    log: str = "none"  # passed on to every training as --log (none | csv | tensorboard)
     cases: list[str] | None = None  # of a suite with cases: the ones to run (None: all)
+
+
+def passed_on(options: BenchOptions) -> list[str]:
+    """The bench's options that every training gets as they were given: --device, --log."""
+    return [*(["--device", options.device] if options.device else []),
+            *(["--log", options.log] if options.log != "none" else [])]
 
 
 def check_options(options: BenchOptions) -> None:
@@ -349,7 +356,7 @@ def run_bench(options: BenchOptions) -> dict:
 def _run_suite(options: BenchOptions, chosen: list[Entry], datasets: dict) -> dict:
     suite, out = options.suite, options.out
     stage: dict[str, Any] = dict(suite=suite, out=out, workers=options.workers, threads=options.threads,
-                                 progress=options.progress, device=options.device)
+                                 progress=options.progress, passed_on=passed_on(options))
     trained = []
 
     def train(runs: list[Run], desc: str) -> None:
