@@ -298,6 +298,32 @@ def test_block_pipeline_learns_and_resumes_to_the_sequential_run(npz, tmp_path):
         assert_same_state(tmp_path / rule, tmp_path / f"single-{rule}", atol=1e-6)
 
 
+def two_node_commands(*options: str) -> list[list[str]]:
+    """Two torchrun agents of one process each, joined by a c10d rendezvous: two nodes as a cluster sees them
+    (this machine stands in for both). Node 0 hosts the rendezvous store; which agent's process becomes rank 0
+    is the rendezvous's choice."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    return [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "two-nodes",
+             "--rdzv-conf", f"is_host={int(node == 0)}", "-m", "localcredit", "train", "--quiet", *options]
+            for node in (0, 1)]
+
+
+@pytest.mark.parametrize("rule,mode", [("bp", "data"), ("local-learned", "blocks")])
+def test_two_nodes_under_torchrun_end_as_one_node_with_as_many_processes(npz, tmp_path, rule, mode):
+    options = ["--rule", rule, "--data", npz, "--hidden", "32,32", "--epochs", "1", "--batch-size", "50",
+               "--limit-train", "100", "--parallel", mode]
+    *nodes, one_node = run_all(*two_node_commands(*options, "--out", "two-nodes"),
+                               train_command(*options, "--procs", "2", "--out", "one-node"), cwd=tmp_path)
+    for proc in (*nodes, one_node):
+        ok(proc)
+    assert_same_state(tmp_path / "two-nodes", tmp_path / "one-node", atol=0)
+    two, one = result(tmp_path / "two-nodes"), result(tmp_path / "one-node")
+    assert two["parallel"] == one["parallel"] and two["parallel"]["procs"] == 2
+    assert two["train_loss_per_epoch"] == one["train_loss_per_epoch"]
+    assert two["test_accuracy"] == one["test_accuracy"]
+
+
 def test_partition_balances_contiguous_groups():
     assert partition([4, 1, 1, 1, 1], 2) == [range(0, 1), range(1, 5)]
     assert partition([1, 1, 1, 1], 2) == [range(0, 2), range(2, 4)]
