@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from localcredit.bench.claims_report import NOT_RUN, UNTESTABLE
-from localcredit.bench.claims_suite import (
-    CLAIMS,
-    LFNN_AUTHORS,
-    ClaimRun,
-    ClaimsOptions,
-    claims_plan,
-    final_runs,
-    run_claims,
-    train_arguments,
-)
+from localcredit.bench.claims_cases import CLAIMS, LFNN_AUTHORS, claims_plan
+from localcredit.bench.claims_figures import NOT_RUN, UNTESTABLE
+from localcredit.bench.claims_runs import ClaimRun, final_runs, train_arguments
+from localcredit.bench.claims_suite import ClaimsOptions, run_claims
 from localcredit.bench.plan import Run
 from localcredit.bench.published import SEED_CLAIMS
 from localcredit.cli import main
@@ -92,9 +85,9 @@ def tiny_plan():
 
 @pytest.mark.slow
 def test_tiny_run_of_two_cases_writes_a_verdict_row_per_claim(tmp_path, monkeypatch):
-    from localcredit.bench import claims_report
+    from localcredit.bench import claims_verdicts_bp
 
-    monkeypatch.setattr(claims_report, "CONTINUAL_RESULTS", ())  # the forgetting row reads the committed protocol runs
+    monkeypatch.setattr(claims_verdicts_bp, "CONTINUAL_RESULTS", ())  # the forgetting row reads the committed protocol runs
     plan = tiny_plan()
     options = ClaimsOptions(out=tmp_path, quick=True, cases=["nan", "memory"], workers=2, threads=1, progress=False,
                             command="pytest tiny claims")
@@ -158,7 +151,7 @@ def _write_result(folder: Path, accuracy: float) -> None:
 
 
 def test_tuning_widens_a_winning_edge_once_and_the_final_runs_take_the_choice(tmp_path):
-    from localcredit.bench.claims_suite import chosen_lr, grid_of, tune_run, tuning_keys
+    from localcredit.bench.claims_runs import chosen_lr, grid_of, tune_run, tuning_keys
 
     plan = claims_plan(quick=False, present=set())
     case = plan.case("fixed-random")
