@@ -1,4 +1,5 @@
-"""The ``localcredit`` command. Exit codes: 0 ok, 1 internal failure or divergence, 2 user error."""
+"""The ``localcredit`` command: its parser, and a handler per subcommand (``bench``'s are in bench/commands.py).
+Exit codes: 0 ok, 1 internal failure or divergence, 2 user error."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from . import rules
 from . import spec as spec_options
 from .bench.align import MEANING, measured_on, trained_rule
+from .bench.commands import cmd_bench
 from .continual.experiment import NOT_USED as CONTINUAL_NOT_USED
 from .continual.experiment import ContinualSpec
 from .data import describe_all
@@ -37,7 +39,6 @@ from .experiment import (
 from .rules.alignment import alignment
 from .training import distributed
 from .training.config import TrainSpec, epoch_order
-from .training.loggers import logger_problem
 from .training.progress import Diverged
 from .training.runfiles import (
     Interrupted,
@@ -45,6 +46,7 @@ from .training.runfiles import (
     exit_process,
     keep_stop_signals_until_exit,
     parse_checkpoint_every,
+    resume_command,
 )
 from .training.trainer import Parallelism
 
@@ -151,12 +153,6 @@ def _add_output_options(parser: argparse.ArgumentParser, default: str, can_resum
                         help="replace the run in --out (without this or --resume, an --out that holds a run is refused)")
 
 
-def _resume_command(argv: Sequence[str]) -> str:
-    """The command line that continues this run: the same one, with --resume instead of --overwrite."""
-    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
-    return "localcredit " + shlex.join([*kept, "--resume"])
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     launch = distributed.plan(args.procs, args.parallel, resolve_device(args.device), args.dist_timeout)
     # One thread per process by default: K processes share the machine's cores.
@@ -194,7 +190,7 @@ def _train(args: argparse.Namespace, spec: RunSpec, prepared: tuple, parallel: P
         result = fit(spec, out=out, resume=args.resume, device=device, progress=not args.quiet,
                      command="localcredit " + shlex.join(args.argv), prepared=prepared, parallel=parallel,
                      overwrite=args.overwrite, checkpoint_every=args.checkpoint_every,
-                     resume_hint=_resume_command(args.argv))
+                     resume_hint=resume_command(args.argv))
     if not parallel.writer:
         return
     seconds = result["seconds_per_epoch"]
@@ -254,7 +250,7 @@ def cmd_continual(args: argparse.Namespace) -> int:
                            f"{default_out_dir(spec).split('/', 1)[1]}")
     parse_checkpoint_every(args.checkpoint_every)
     result = run_continual(spec, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
-                           command="localcredit " + shlex.join(args.argv), resume_hint=_resume_command(args.argv),
+                           command="localcredit " + shlex.join(args.argv), resume_hint=resume_command(args.argv),
                            checkpoint_every=args.checkpoint_every)
     forgetting = result["forgetting"]
     print(f"{spec.rule} + {spec.strategy} {spec.scenario} {spec.data}: average_accuracy "
@@ -285,146 +281,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .bench.curves import plot_runs
 
     print(f"{len(args.runs)} run(s) -> {plot_runs(args.runs, args.out)}")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench.runner import BenchOptions, estimate, get_suite, run_bench, with_seeds
-
-    names = [n.strip() for n in args.rules.split(",") if n.strip()] if args.rules is not None else None
-    cores = os.cpu_count() or 1
-    workers = max(1, min(4, cores)) if args.workers is None else args.workers
-    threads = max(1, cores // max(workers, 1)) if args.threads is None else args.threads
-    if problem := logger_problem(args.log):
-        raise UserError(f"--log {problem}")
-    if args.suite == "continual":
-        return _bench_continual(args, names, workers, threads)
-    if args.suite == "speed":
-        return _bench_speed(args, names)
-    if args.suite == "modules":
-        return _bench_modules(args, names, workers, threads)
-    if args.suite == "claims":
-        return _bench_claims(args, names, workers, threads)
-    if args.quick:
-        raise UserError("--quick applies to --suite continual, speed, modules and claims (the train suites' short one "
-                        "is --suite quick)")
-    suite = with_seeds(get_suite(args.suite), args.seeds)
-    cases = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases is not None else None
-    if args.device is not None:
-        resolve_device(args.device)  # a device this machine lacks is refused before any run starts
-    options = BenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
-                           workers=workers, threads=threads, resume=args.resume, overwrite=args.overwrite,
-                           progress=not args.quiet, command="localcredit " + shlex.join(args.argv),
-                           resume_hint=_resume_command(args.argv),
-                           device=None if args.device is None else args.device, cases=cases, log=args.log)
-    if args.estimate:
-        return _print_estimate(estimate(options), workers)
-    summary = run_bench(options)
-    print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
-          f"{options.out}/: {', '.join(summary['files'])}")
-    return 0
-
-
-def _bench_continual(args: argparse.Namespace, names: list[str] | None, workers: int, threads: int) -> int:
-    """``bench --suite continual [--quick]``: every rule x strategy x split-MNIST scenario (bench/continual_suite.py)."""
-    from .bench.continual_suite import ContinualBenchOptions, get_continual_suite, run_continual_bench, with_seeds
-
-    unused = [flag for flag, given in (("--cases", args.cases is not None), ("--device", args.device is not None),
-                                       ("--estimate", args.estimate)) if given]
-    if unused:
-        raise UserError(f"{', '.join(unused)}: not for the continual suite (its runs train on the CPU; docs/bench.md "
-                        f"gives its estimate)")
-    suite = with_seeds(get_continual_suite(args.quick), args.seeds)
-    options = ContinualBenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
-                                    workers=workers, threads=threads, progress=not args.quiet,
-                                    command="localcredit " + shlex.join(args.argv), resume=args.resume,
-                                    overwrite=args.overwrite, resume_hint=_resume_command(args.argv), log=args.log)
-    summary = run_continual_bench(options)
-    print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
-          f"{options.out}/: {', '.join(summary['files'])}")
-    return 0
-
-
-def _bench_speed(args: argparse.Namespace, names: list[str] | None) -> int:
-    """``bench --suite speed [--quick]``: every rule's step time, FLOPs and memory against BP, steps interleaved
-    in this process (bench/speed_suite.py)."""
-    from .bench.speed_suite import SpeedOptions, get_speed_suite, run_speed
-
-    unused = [flag for flag, given in (("--cases", args.cases is not None), ("--estimate", args.estimate),
-                                       ("--seeds", args.seeds is not None), ("--workers", args.workers is not None),
-                                       ("--resume", args.resume), ("--log", args.log != "none")) if given]
-    if unused:
-        raise UserError(f"{', '.join(unused)}: not for the speed suite (one process steps every rule in turn; "
-                        f"docs/bench.md)")
-    options = SpeedOptions(suite=get_speed_suite(args.quick), out=Path(args.out or "runs/bench/speed"),
-                           rule_names=names, threads=args.threads,
-                           device=resolve_device(args.device) if args.device is not None else "cpu",
-                           command="localcredit " + shlex.join(args.argv), progress=not args.quiet,
-                           overwrite=args.overwrite)
-    summary = run_speed(options)
-    failed = f"; failed: {', '.join(summary['failed'])}" if summary["failed"] else ""
-    print(f"bench {options.suite.name}: {options.out}/: {', '.join(summary['files'])}{failed}")
-    return 1 if summary["failed"] else 0
-
-
-def _bench_modules(args: argparse.Namespace, names: list[str] | None, workers: int, threads: int) -> int:
-    """``bench --suite modules [--quick]``: error and memory against K modules (bench/modules_suite.py)."""
-    from .bench.modules_suite import ModulesBenchOptions, get_modules_suite, run_modules_bench, with_seeds
-
-    unused = [flag for flag, given in (("--cases", args.cases is not None), ("--estimate", args.estimate)) if given]
-    if unused:
-        raise UserError(f"{', '.join(unused)}: not for the modules suite (docs/bench.md gives its cost)")
-    if args.device is not None:
-        resolve_device(args.device)  # a device this machine lacks is refused before any run starts
-    suite = with_seeds(get_modules_suite(args.quick), args.seeds)
-    options = ModulesBenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
-                                  workers=workers, threads=threads, progress=not args.quiet,
-                                  command="localcredit " + shlex.join(args.argv), resume=args.resume,
-                                  overwrite=args.overwrite, resume_hint=_resume_command(args.argv), device=args.device,
-                                  log=args.log)
-    summary = run_modules_bench(options)
-    print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
-          f"{options.out}/: {', '.join(summary['files'])}")
-    return 0
-
-
-def _bench_claims(args: argparse.Namespace, names: list[str] | None, workers: int, threads: int) -> int:
-    """``bench --suite claims [--quick] [--cases a,b]``: a verdict per claim of the seed papers (bench/claims_suite.py)."""
-    from .bench.claims_suite import ClaimsOptions, run_claims
-
-    unused = [flag for flag, given in (("--rules", names is not None), ("--estimate", args.estimate)) if given]
-    if unused:
-        raise UserError(f"{', '.join(unused)}: not for the claims suite (its cases choose their rows; a --quick run's "
-                        f"RESULTS.md estimates the full run's CPU time)")
-    if args.device is not None:
-        resolve_device(args.device)  # a device this machine lacks is refused before any run starts
-    cases = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases is not None else None
-    quick = "-quick" if args.quick else ""
-    options = ClaimsOptions(out=Path(args.out or f"runs/bench/claims{quick}"), quick=args.quick, cases=cases,
-                            seeds=args.seeds, workers=workers, threads=threads, progress=not args.quiet,
-                            command="localcredit " + shlex.join(args.argv), resume=args.resume,
-                            overwrite=args.overwrite, resume_hint=_resume_command(args.argv),
-                            passed_on=(*(("--device", args.device) if args.device else ()),
-                                       *(("--log", args.log) if args.log != "none" else ())))
-    summary = run_claims(options)
-    print(f"bench claims{' (quick)' if args.quick else ''}: {summary['trained']} runs trained, {summary['skipped']} "
-          f"already finished, {summary['measured']} measurements; {options.out}/: {', '.join(summary['files'])}")
-    return 0
-
-
-def _print_estimate(rows: list[dict], workers: int) -> int:
-    """One line per row of each case: its step time here and the CPU hours its planned runs need."""
-    print(f"{'case':32s} {'row':28s} {'ms/step':>8s} {'steps':>9s} {'CPU hours':>9s}")
-    for row in rows:
-        print(f"{row['case']:32s} {row['row']:28s} {row['ms_per_step']:8.1f} {row['steps']:9d} {row['hours']:9.2f}")
-    by_case: dict[str, float] = {}
-    for row in rows:
-        by_case[row["case"]] = by_case.get(row["case"], 0.0) + row["hours"]
-    for case, hours in by_case.items():
-        print(f"{case}: {hours:.2f} CPU hours, about {hours / workers:.2f} h wall with {workers} runs at a time")
-    loads = [row["load_average_1min"] for row in rows]
-    print(f"(one thread per step, 1-minute load average {min(loads):.1f}-{max(loads):.1f} while probing; "
-          f"training steps only, first tuning grid included)")
     return 0
 
 

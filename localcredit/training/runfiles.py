@@ -21,13 +21,14 @@ import json
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,12 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run: the same one, with --resume instead of --overwrite."""
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return "localcredit " + shlex.join([*kept, "--resume"])
 
 
 #: A stop signal noted while no StopRequests was active (a process of a multi-process run that is still
