@@ -79,9 +79,9 @@ class _Parser(argparse.ArgumentParser):
                 if flag.startswith("--")]
 
 
-#: Options of the training recipe that `align` has no use for (it measures one batch at the initial weights).
 #: Whether `localcredit train` flushes subnormal floats to zero unless told (results/denormal).
 FLUSH_DENORMAL_DEFAULT = "on"
+#: Options of the training recipe that `align` has no use for (it measures one batch at the initial weights).
 RECIPE_ONLY = tuple(f.name for f in fields(TrainSpec) if f.name != "seed")
 
 

@@ -159,9 +159,6 @@ def analyse_bp_free(ctx: Context, case: Case) -> CaseReport:
     return report
 
 
-FIXED_RANDOM_ROWS = ("local-random", "local-random layerwise", "local-learned", "fa", REFERENCE)
-
-
 def analyse_fixed_random(ctx: Context, case: Case) -> CaseReport:
     report = CaseReport()
     columns = [(s, d) for s in ("mlp", "vgg") for d in ("mnist", "fashion-mnist")]
