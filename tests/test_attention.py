@@ -158,7 +158,7 @@ class TestNextLayerAttention(RuleContract):
         torch.testing.assert_close(LINEAR.input_gradient(head, torch.zeros(8, 16), kernel, need), alpha.sum(1))
         # ... and what the rule's step sends to the last hidden block is the same (with the gradient sign).
         hidden_out = rule.net.blocks[-1](rule.net.blocks[0](x)).detach().requires_grad_()
-        with swapped_input_gradients(rule.net, rule.layer_kernel):
+        with swapped_input_gradients(rule.net, rule.feedback):
             rule.task_loss(head(hidden_out), y).backward()
         torch.testing.assert_close(-hidden_out.grad, alpha.sum(1))
 

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..nets.layers import check_layer_math, swapped_input_gradients, weight_layers
+from ..nets.layers import weight_layers
 from .alignment import alignment
-from .base import Rule, StepFigures, option, register
+from .base import StepFigures, option, register
+from .feedback import SubstitutedFeedback
 
 #: the share of a next-layer unit's attention whose support is reported by ``statistics()``
 ATTENTION_MASS = 0.9
@@ -48,15 +49,16 @@ def attention_support(kernel: torch.Tensor, mass: float = ATTENTION_MASS) -> flo
 
 
 @register("nan-bp")
-class NextLayerAttentionBP(Rule):
+class NextLayerAttentionBP(SubstitutedFeedback):
     """NAN with linear attention alpha_ji = s_j w_ji (Moakhar et al. 2023): each neuron's best response equals BP.
 
     Moakhar et al., "Seeking Next Layer Neurons' Attention for Error-Backpropagation-Like Training in
     a Multi-Agent Network Framework", arXiv 2310.09952 (2023); formulation of METHODS.md 000.
     """
 
+    layer_math_use = "passes attention through every layer by that layer's own math"
+
     def __init__(self, net, config=None, optim=None):
-        check_layer_math(net.layers, self.name, "passes attention through every layer by that layer's own math")
         super().__init__(net, config, optim)
         self._last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self.epoch_records: list[dict[str, Any]] = []
@@ -65,19 +67,18 @@ class NextLayerAttentionBP(Rule):
         """M with alpha_ji = s_j M_ji; linear attention pays each input in proportion to its weight."""
         return weight
 
-    def layer_kernel(self, name: str, layer: nn.Module) -> torch.Tensor:
-        return self.attention_kernel(cast(torch.Tensor, layer.weight).detach())  # a weight layer's weight
+    def feedback(self, name: str, layer: nn.Module | None = None) -> torch.Tensor:
+        """The attention kernel of the weight layer ``name``, from its weight now."""
+        if layer is None:
+            layer = self.net.get_submodule(name)
+        return self.attention_kernel(cast(torch.Tensor, layer.weight).detach())
 
     # ----- the game, one round per batch -------------------------------------------------------
     def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
+        # The gradient sign: -A flows down through each layer's kernel; each weight layer writes -(its best
+        # response) into .grad, which the optimiser descends.
         self._last_batch = (x, y)
-        with swapped_input_gradients(self.net, self.layer_kernel):
-            loss = self.task_loss(self.net(x), y)
-            # The gradient sign: -A flows down; each weight layer writes -(its best response) into
-            # .grad, which the optimiser descends.
-            with self.final_as_accumulated():
-                loss.backward()
-        return {"loss": loss.detach()}
+        return super().assign_credit(x, y)
 
     # ----- per-epoch statistics ---------------------------------------------------------------
     def attending_layers(self) -> list[tuple[str, nn.Module]]:
@@ -88,7 +89,7 @@ class NextLayerAttentionBP(Rule):
         """Per weight layer that passes attention down: its support; per block, on the last batch seen, the cosine with BP."""
 
         with torch.no_grad():
-            support = {name: round(attention_support(self.layer_kernel(name, layer)), 6)
+            support = {name: round(attention_support(self.feedback(name, layer)), 6)
                        for name, layer in self.attending_layers()}
         cosine = None
         if self._last_batch is not None:

@@ -35,8 +35,33 @@ def random_feedback(shape: tuple[int, ...], fan_in: int, init: str) -> torch.Ten
     return (torch.rand(shape) * 2 - 1) * scale
 
 
+class SubstitutedFeedback(Rule):
+    """What fa, usf, frsf, brsf and kp share: BP's backward pass with every weight layer sending its error down
+    through a feedback matrix of its weight's shape, :meth:`feedback`, instead of W_l (the per-layer-type
+    registry, ``localcredit.nets.layers``). Weight gradients keep BP's form; batch norm, activations, pooling
+    and residual adds keep their own backward."""
+
+    #: what the rule does with every layer's math, for the error naming a layer type without it
+    layer_math_use = "replaces the backward pass of every weight layer"
+
+    def __init__(self, net, config=None, optim=None):
+        check_layer_math(net.layers, self.name, self.layer_math_use)
+        super().__init__(net, config, optim)
+
+    def feedback(self, name: str, layer: nn.Module | None = None) -> torch.Tensor:
+        """The matrix the weight layer called ``name`` in ``net.named_modules()`` sends its error through."""
+        raise NotImplementedError
+
+    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
+        with swapped_input_gradients(self.net, self.feedback):
+            loss = self.task_loss(self.net(x), y)
+            with self.final_as_accumulated():
+                loss.backward()
+        return {"loss": loss.detach()}
+
+
 @register("fa")
-class FeedbackAlignment(Rule):
+class FeedbackAlignment(SubstitutedFeedback):
     """Feedback alignment (Lillicrap et al. 2016): errors flow down through fixed random matrices.
 
     Every weight layer (Linear, Conv) of every block gets a fixed random B_l of its weight's shape,
@@ -47,7 +72,6 @@ class FeedbackAlignment(Rule):
     Config = FeedbackConfig
 
     def __init__(self, net, config=None, optim=None):
-        check_layer_math(net.layers, self.name, "replaces the backward pass of every weight layer")
         super().__init__(net, config, optim)
         self.feedback_index = {}
         for i, (name, layer) in enumerate(weight_layers(net)):
@@ -58,13 +82,6 @@ class FeedbackAlignment(Rule):
     def feedback(self, name: str, layer: nn.Module | None = None) -> torch.Tensor:
         """B of the weight layer called ``name`` in ``net.named_modules()``."""
         return getattr(self, f"feedback_{self.feedback_index[name]}")
-
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
-        with swapped_input_gradients(self.net, self.feedback):
-            loss = self.task_loss(self.net(x), y)
-            with self.final_as_accumulated():
-                loss.backward()
-        return {"loss": loss.detach()}
 
 
 @register("dfa")

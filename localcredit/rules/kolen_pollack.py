@@ -46,9 +46,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..nets.layers import check_layer_math, swapped_input_gradients, weight_layers
-from .base import Rule, StepFigures, option, register
-from .feedback import random_feedback
+from ..nets.layers import weight_layers
+from .base import StepFigures, option, register
+from .feedback import SubstitutedFeedback, random_feedback
 
 
 @dataclass
@@ -64,13 +64,12 @@ class KolenPollackConfig:
 
 
 @register("kp")
-class KolenPollack(Rule):
+class KolenPollack(SubstitutedFeedback):
     """Kolen-Pollack (Akrout et al. 2019): errors flow down through B_l, which gets W_l's update and decay, so B_l -> W_l."""
 
     Config = KolenPollackConfig
 
     def __init__(self, net, config=None, optim=None):
-        check_layer_math(net.layers, self.name, "replaces the backward pass of every weight layer")
         super().__init__(net, config, optim)
         self.kp_layers = weight_layers(net)
         self.layer_index = {}
@@ -100,13 +99,6 @@ class KolenPollack(Rule):
         i = self.layer_index[name]
         weight = cast(torch.Tensor, (layer if layer is not None else self.kp_layers[i][1]).weight)
         return weight.detach() + self.difference(i)
-
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
-        with swapped_input_gradients(self.net, self.feedback):
-            loss = self.task_loss(self.net(x), y)
-            with self.final_as_accumulated():
-                loss.backward()
-        return {"loss": loss.detach()}
 
     @torch.no_grad()
     def decay(self, stats: StepFigures | None = None) -> None:

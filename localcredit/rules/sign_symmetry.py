@@ -47,8 +47,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..nets.layers import check_layer_math, swapped_input_gradients, weight_layers
-from .base import Rule, StepFigures, option, register
+from ..nets.layers import weight_layers
+from .base import StepFigures, option, register
+from .feedback import SubstitutedFeedback
 
 SCALE_HELP = ("the feedback's scale c: 0 = mean |W| of the layer at each step (the closest c sign(W) to W: usf is BP "
               "where a layer's weights share one magnitude), a positive number = that c in every layer "
@@ -86,13 +87,12 @@ def draw_magnitudes(out: torch.Tensor, init: str) -> torch.Tensor:
     return out.uniform_(0, 2)
 
 
-class SignConcordantFeedback(Rule):
+class SignConcordantFeedback(SubstitutedFeedback):
     """What the three rules share: the backward pass of every weight layer through c_l M_l o sign(W_l)."""
 
     Config: ClassVar[type] = UniformSignConfig
 
     def __init__(self, net, config=None, optim=None):
-        check_layer_math(net.layers, self.name, "replaces the backward pass of every weight layer")
         super().__init__(net, config, optim)
         self.layer_index = {name: i for i, (name, _) in enumerate(weight_layers(net))}
 
@@ -110,13 +110,6 @@ class SignConcordantFeedback(Rule):
         scale = self.config.scale if self.config.scale > 0 else weight.abs().mean()
         magnitudes = self.magnitudes(self.layer_index[name], weight)
         return sign.mul_(scale) if magnitudes is None else sign.mul_(magnitudes).mul_(scale)
-
-    def assign_credit(self, x: torch.Tensor, y: torch.Tensor) -> StepFigures:
-        with swapped_input_gradients(self.net, self.feedback):
-            loss = self.task_loss(self.net(x), y)
-            with self.final_as_accumulated():
-                loss.backward()
-        return {"loss": loss.detach()}
 
 
 @register("usf")
