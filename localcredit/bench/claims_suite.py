@@ -61,7 +61,7 @@ from .claims_runs import (
     tuning_keys,
 )
 from .plan import Entry, Run, default_lr, is_finished, read_result, spec_of
-from .runner import TRAININGS, claim_bench_dir, execute, run_pool
+from .runner import TRAININGS, PoolOptions, claim_bench_dir, execute, run_pool
 
 
 # ----- validation --------------------------------------------------------------------------------------
@@ -91,19 +91,11 @@ def validate_plan(plan: ClaimsPlan, cases: Sequence[Case]) -> None:
 
 # ----- running ---------------------------------------------------------------------------------------
 @dataclass
-class ClaimsOptions:
+class ClaimsOptions(PoolOptions):
     out: Path
     quick: bool = False
     cases: list[str] | None = None  # None: every case
     seeds: int | None = None  # the main rows' seeds (None: the suite's, 3; 1 with --quick)
-    workers: int = 1
-    threads: int = 1
-    progress: bool = True
-    command: str = ""
-    resume: bool = False
-    overwrite: bool = False
-    resume_hint: str = ""
-    passed_on: tuple[str, ...] = ()  # --device, --log as given, passed on to every training
 
 
 def check_options(options: ClaimsOptions) -> None:
@@ -196,7 +188,7 @@ def _run(options: ClaimsOptions, plan: ClaimsPlan, cases: list[Case]) -> dict:
         todo = [job for job in unique if not is_finished(read_result(job.folder(out)))]
         counts["trained"] += len(todo)
         counts["skipped"] += len(unique) - len(todo)
-        pool(todo, lambda job: _start_training(job, out, options.threads, options.passed_on), desc,
+        pool(todo, lambda job: _start_training(job, out, options.threads, options.passed_on()), desc,
              lambda job: str(job.folder(out).relative_to(out)), ok_codes=(0, 1))  # 1 = diverged, in its result.json
 
     TRAININGS.stopping = 0

@@ -41,16 +41,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.device is not None:
         resolve_device(args.device)  # a device this machine lacks is refused before any run starts
     options = BenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
-                           workers=workers, threads=threads, resume=args.resume, overwrite=args.overwrite,
-                           progress=not args.quiet, command="localcredit " + shlex.join(args.argv),
-                           resume_hint=resume_command(args.argv),
-                           device=None if args.device is None else args.device, cases=cases, log=args.log)
+                           cases=cases, **_pool(args, workers, threads))
     if args.estimate:
         return _print_estimate(estimate(options), workers)
     summary = run_bench(options)
     print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
           f"{options.out}/: {', '.join(summary['files'])}")
     return 0
+
+
+def _pool(args: argparse.Namespace, workers: int, threads: int) -> dict:
+    """The process-pool options (``bench.runner.PoolOptions``) of a bench command line, for every suite that has them."""
+    return dict(workers=workers, threads=threads, progress=not args.quiet, command="localcredit " + shlex.join(args.argv),
+                resume=args.resume, overwrite=args.overwrite, resume_hint=resume_command(args.argv), device=args.device,
+                log=args.log)
 
 
 def _bench_continual(args: argparse.Namespace, names: list[str] | None, workers: int, threads: int) -> int:
@@ -64,9 +68,7 @@ def _bench_continual(args: argparse.Namespace, names: list[str] | None, workers:
                         f"gives its estimate)")
     suite = with_seeds(get_continual_suite(args.quick), args.seeds)
     options = ContinualBenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
-                                    workers=workers, threads=threads, progress=not args.quiet,
-                                    command="localcredit " + shlex.join(args.argv), resume=args.resume,
-                                    overwrite=args.overwrite, resume_hint=resume_command(args.argv), log=args.log)
+                                    **_pool(args, workers, threads))
     summary = run_continual_bench(options)
     print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
           f"{options.out}/: {', '.join(summary['files'])}")
@@ -106,10 +108,7 @@ def _bench_modules(args: argparse.Namespace, names: list[str] | None, workers: i
         resolve_device(args.device)  # a device this machine lacks is refused before any run starts
     suite = with_seeds(get_modules_suite(args.quick), args.seeds)
     options = ModulesBenchOptions(suite=suite, out=Path(args.out or f"runs/bench/{suite.name}"), rule_names=names,
-                                  workers=workers, threads=threads, progress=not args.quiet,
-                                  command="localcredit " + shlex.join(args.argv), resume=args.resume,
-                                  overwrite=args.overwrite, resume_hint=resume_command(args.argv), device=args.device,
-                                  log=args.log)
+                                  **_pool(args, workers, threads))
     summary = run_modules_bench(options)
     print(f"bench {suite.name}: {summary['trained']} runs trained, {summary['skipped']} already finished; "
           f"{options.out}/: {', '.join(summary['files'])}")
@@ -129,11 +128,7 @@ def _bench_claims(args: argparse.Namespace, names: list[str] | None, workers: in
     cases = [n.strip() for n in args.cases.split(",") if n.strip()] if args.cases is not None else None
     quick = "-quick" if args.quick else ""
     options = ClaimsOptions(out=Path(args.out or f"runs/bench/claims{quick}"), quick=args.quick, cases=cases,
-                            seeds=args.seeds, workers=workers, threads=threads, progress=not args.quiet,
-                            command="localcredit " + shlex.join(args.argv), resume=args.resume,
-                            overwrite=args.overwrite, resume_hint=resume_command(args.argv),
-                            passed_on=(*(("--device", args.device) if args.device else ()),
-                                       *(("--log", args.log) if args.log != "none" else ())))
+                            seeds=args.seeds, **_pool(args, workers, threads))
     summary = run_claims(options)
     print(f"bench claims{' (quick)' if args.quick else ''}: {summary['trained']} runs trained, {summary['skipped']} "
           f"already finished, {summary['measured']} measurements; {options.out}/: {', '.join(summary['files'])}")

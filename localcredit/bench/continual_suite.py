@@ -40,7 +40,7 @@ from ..spec import flag_of, option_fields, to_argv
 from ..training.runfiles import CHECKPOINT, RESULT, Interrupted, StopRequests, hold_run_folder, read_json
 from .plan import Entry, entries
 from .published import SPLIT_MNIST_BP, PublishedAccuracy
-from .runner import TRAININGS, claim_bench_dir, execute, run_pool
+from .runner import TRAININGS, PoolOptions, claim_bench_dir, execute, run_pool
 
 #: van de Ven, Tuytelaars & Tolias (2022): task-, domain- and class-incremental split MNIST.
 SPLIT_SCENARIOS = ("split-task", "split-domain", "split-class")
@@ -362,18 +362,10 @@ def start(run: SuiteRun, suite: ContinualSuite, out: Path, threads: int, passed_
 
 # ----- the whole suite -------------------------------------------------------------------------
 @dataclass
-class ContinualBenchOptions:
+class ContinualBenchOptions(PoolOptions):
     suite: ContinualSuite
     out: Path
     rule_names: list[str] | None  # None: the suite's rows
-    workers: int = 1
-    threads: int = 1
-    progress: bool = True
-    command: str = ""
-    resume: bool = False
-    overwrite: bool = False
-    resume_hint: str = ""
-    log: str = "none"  # passed on to every run as --log (none | csv | tensorboard)
 
 
 def check_options(options: ContinualBenchOptions) -> None:
@@ -412,8 +404,8 @@ def _run(options: ContinualBenchOptions, chosen: list[Entry]) -> dict:
         todo = [run for run in runs if not is_finished(run.folder(out))]
         counts["trained"] += len(todo)
         counts["skipped"] += len(runs) - len(todo)
-        logs = ["--log", options.log] if options.log != "none" else []
-        failed.extend(run_pool(todo, lambda run: start(run, suite, out, options.threads, logs), options.workers,
+        failed.extend(run_pool(todo, lambda run: start(run, suite, out, options.threads, options.passed_on()),
+                               options.workers,
                                options.progress, desc, label=lambda run: f"{run.entry.label} {run.strategy} "
                                                                          f"{run.scenario}"))
         TRAININGS.check()

@@ -38,7 +38,7 @@ from ..spec import from_mapping, to_argv
 from ..training.runfiles import Interrupted, StopRequests, hold_run_folder, read_json
 from .plan import JITTER, grid_value, is_finished, read_result
 from .published import INFOPRO_CIFAR10, Published
-from .runner import TRAININGS, claim_bench_dir, execute, run_pool
+from .runner import TRAININGS, PoolOptions, claim_bench_dir, execute, run_pool
 
 #: The end-to-end reference: InfoPro's K = 1.
 REFERENCE = "bp"
@@ -158,9 +158,9 @@ def spec_of(run: ModulesRun, suite: ModulesSuite) -> RunSpec:
                    lr=run.lr, seed=run.seed)
 
 
-def train_arguments(run: ModulesRun, suite: ModulesSuite, out: Path, threads: int, device: str | None = None,
-                    log: str = "none") -> list[str]:
-    passed_on = [*(["--device", device] if device else []), *(["--log", log] if log != "none" else [])]
+def train_arguments(run: ModulesRun, suite: ModulesSuite, out: Path, threads: int,
+                    passed_on: Sequence[str] = ()) -> list[str]:
+    """The ``localcredit train`` command line of one run (``passed_on``: the bench's --device and --log)."""
     return ["train", *to_argv(spec_of(run, suite)), "--threads", str(threads), *passed_on, "--out",
             str(run.folder(out)), "--quiet"]
 
@@ -256,19 +256,10 @@ def probe(point: Point, depth: int, suite: ModulesSuite, out: Path) -> dict:
 
 # ----- the whole suite -------------------------------------------------------------------------
 @dataclass
-class ModulesBenchOptions:
+class ModulesBenchOptions(PoolOptions):  # --device goes to every training; the memory probes run on the CPU
     suite: ModulesSuite
     out: Path
     rule_names: list[str] | None  # None: the suite's rows
-    workers: int = 1
-    threads: int = 1
-    progress: bool = True
-    command: str = ""
-    resume: bool = False
-    overwrite: bool = False
-    resume_hint: str = ""
-    device: str | None = None  # passed on to every training as --device (the memory probes run on the CPU)
-    log: str = "none"  # passed on to every training as --log
 
 
 def check_options(options: ModulesBenchOptions) -> None:
@@ -304,7 +295,7 @@ def _run(options: ModulesBenchOptions, points: list[Point]) -> dict:
     counts = {"trained": 0, "skipped": 0}
 
     def start(run: ModulesRun) -> int | None:
-        code = execute(train_arguments(run, suite, out, options.threads, options.device, options.log),
+        code = execute(train_arguments(run, suite, out, options.threads, options.passed_on()),
                        run.folder(out), options.threads)
         if run.stage == "tune" and is_finished(read_result(run.folder(out))):
             (run.folder(out) / "checkpoint.pt").unlink(missing_ok=True)  # only its validation accuracy is used

@@ -282,11 +282,10 @@ def probe(entry: Entry, data: str, suite: Suite, out: Path) -> dict:
 
 
 # ----- the whole suite -------------------------------------------------------------------------
-@dataclass
-class BenchOptions:
-    suite: Suite
-    out: Path
-    rule_names: list[str] | None  # None: the suite's rows (every registered rule, for most suites)
+@dataclass(kw_only=True)
+class PoolOptions:
+    """What every suite that starts its runs through the process pool takes (train, continual, modules, claims)."""
+
     workers: int = 1
     threads: int = 1
     progress: bool = True
@@ -296,13 +295,19 @@ class BenchOptions:
     resume_hint: str = ""
     device: str | None = None  # passed on to every training as --device (None: train's default, auto)
     log: str = "none"  # passed on to every training as --log (none | csv | tensorboard)
+
+    def passed_on(self) -> list[str]:
+        """The bench's options that every training gets as they were given: --device, --log."""
+        return [*(["--device", self.device] if self.device else []),
+                *(["--log", self.log] if self.log != "none" else [])]
+
+
+@dataclass
+class BenchOptions(PoolOptions):
+    suite: Suite
+    out: Path
+    rule_names: list[str] | None  # None: the suite's rows (every registered rule, for most suites)
     cases: list[str] | None = None  # of a suite with cases: the ones to run (None: all)
-
-
-def passed_on(options: BenchOptions) -> list[str]:
-    """The bench's options that every training gets as they were given: --device, --log."""
-    return [*(["--device", options.device] if options.device else []),
-            *(["--log", options.log] if options.log != "none" else [])]
 
 
 def check_options(options: BenchOptions) -> None:
@@ -356,7 +361,7 @@ def run_bench(options: BenchOptions) -> dict:
 def _run_suite(options: BenchOptions, chosen: list[Entry], datasets: dict) -> dict:
     suite, out = options.suite, options.out
     stage: dict[str, Any] = dict(suite=suite, out=out, workers=options.workers, threads=options.threads,
-                                 progress=options.progress, passed_on=passed_on(options))
+                                 progress=options.progress, passed_on=options.passed_on())
     trained = []
 
     def train(runs: list[Run], desc: str) -> None:
