@@ -28,7 +28,7 @@ TINY_NETWORKS = {
                     fallback_archs=("invertible-conv",), networks=TWIN),
 }
 TINY = SpeedSuite("speed-tiny", "tiny networks", networks=TINY_NETWORKS, batch_size=4, warmup=0, steps=2,
-                  flop_steps=1, memory_steps=2, threads=(1,))
+                  flop_steps=1, memory_steps=2, split_steps=1, threads=(1,))
 HEADLINE = {"time_ratio", "flop_ratio", "overhead", "memory_ratio"}
 
 
@@ -54,8 +54,15 @@ def test_every_registered_rule_gets_the_four_columns_on_a_dense_and_a_conv_netwo
     assert mlp["dgl"]["flop_ratio"] > 1  # its auxiliary MLP: more arithmetic than BP
     timing = mlp["dfa"]["by_threads"]["1"]
     assert timing["timed_steps"] == 2 and timing["per_round_ratio_q1"] <= timing["per_round_ratio_q3"]
+    for key, row in mlp.items():  # every rule's step profiled once, split three ways
+        split = row["time_split"]
+        assert split["profiled_steps"] == 1 and split["priced_ms"] > 0 and split["unpriced_ms"] > 0, key
+        # the profiled operations ran inside the step: their times fit in its wall time (the clocks differ)
+        assert split["priced_ms"] + split["unpriced_ms"] <= 1.05 * split["wall_ms"], key
+    assert mlp["bp"]["priced_overhead"] == 1 and mlp["fa"]["priced_overhead"] > 0
     report = (tmp_path / "RESULTS.md").read_text()
-    for column in ("| time | FLOPs | overhead | memory | spread (q1-q3) |", "1-minute load average", "## vgg"):
+    for column in ("| time | FLOPs | overhead | memory | spread (q1-q3) |", "1-minute load average", "## vgg",
+                   "| priced ms | priced overhead | unpriced ms | outside ms |", "## Where the time goes"):
         assert column in report
     assert all(f"| `{name}` |" in report for name in rules.available())
 

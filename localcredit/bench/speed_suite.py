@@ -52,6 +52,7 @@ from .flops import StepFlops, step_flops
 from .memory import step_memory
 from .plan import CONV, REFERENCE, Entry, Suite, entries, entry_network
 from .probe import timed_step_ms
+from .time_split import TimeSplit, mean_split, profile_step
 
 #: The networks, named as speed.json names them; each a plan Suite for its network and for what the
 #: rules that cannot train it train instead (the conv suite's invertible-conv for the GAIT family).
@@ -80,6 +81,7 @@ class SpeedSuite:
     steps: int = 50  # timed rounds per thread count
     flop_steps: int = 16  # counted steps per rule (GAIT-prop refactorises every 8 steps by default)
     memory_steps: int = 4  # measured steps per rule, the first two warming up
+    split_steps: int = 6  # profiled steps per rule (time_split.py), after the timed rounds, at the first thread count
     threads: tuple[int, ...] | None = None  # None: 1 and every core
 
 
@@ -87,7 +89,7 @@ SPEED = SpeedSuite("speed", "every rule on the MLP 1000x2, the conv suite's VGG 
                             "and 50 timed interleaved rounds at 1 thread and at all threads")
 QUICK = SpeedSuite("speed-quick", "the same networks and columns, batch 32, 1 warm-up and 5 timed rounds at 1 thread: "
                                   "a check that the machinery runs, not figures to quote",
-                   batch_size=32, warmup=1, steps=5, flop_steps=3, memory_steps=2, threads=(1,))
+                   batch_size=32, warmup=1, steps=5, flop_steps=3, memory_steps=2, split_steps=2, threads=(1,))
 
 
 def get_speed_suite(quick: bool) -> SpeedSuite:
@@ -129,6 +131,7 @@ class Row:
     memory_mb: float | None = None
     flops: StepFlops | None = None
     ms: dict[int, list[float]] = field(default_factory=dict)  # thread count -> timed steps (ms)
+    split: TimeSplit | None = None  # where a profiled step's time went
 
 
 def thread_counts(options: SpeedOptions) -> list[int]:
@@ -152,7 +155,7 @@ def run_speed(options: SpeedOptions) -> dict[str, Any]:
     suite = options.suite
     device = torch.device(options.device)
     rounds = len(threads) * (suite.warmup + suite.steps)
-    data = images(options.data, (suite.memory_steps + suite.flop_steps + rounds) * suite.batch_size)
+    data = images(options.data, (suite.memory_steps + suite.flop_steps + rounds + suite.split_steps) * suite.batch_size)
     started = datetime.datetime.now(datetime.timezone.utc)
     networks: dict[str, dict[str, Any]] = {}
     original_threads = torch.get_num_threads()
@@ -235,7 +238,8 @@ def measure_network(network: str, suite: Suite, names: Sequence[str], data: Data
                for i in range(len(data.x_train) // b)]
     memory_batches = batches[:speed.memory_steps]
     flop_batches = batches[speed.memory_steps:speed.memory_steps + speed.flop_steps]
-    timed = batches[speed.memory_steps + speed.flop_steps:]
+    timed = batches[speed.memory_steps + speed.flop_steps:len(batches) - speed.split_steps]
+    profiled = batches[len(batches) - speed.split_steps:]
     rows = plan_rows(suite, names)
     _say(options, f"{network}: {len(rows)} rows; the memory and FLOPs of each")
     torch.set_num_threads(threads[0])  # nothing is timed here
@@ -265,6 +269,10 @@ def measure_network(network: str, suite: Suite, names: Sequence[str], data: Data
         _say(options, f"{network}: {speed.warmup} + {speed.steps} interleaved rounds at {count} thread(s)")
         interleave(rows, timed[i * rounds:(i + 1) * rounds], speed.warmup, count, options.guard)
         loads[count]["after"] = os.getloadavg()[0]
+    torch.set_num_threads(threads[0])
+    _say(options, f"{network}: where the time goes ({speed.split_steps} profiled steps per rule)")
+    if device.type == "cpu":  # CUDA kernels run after their launch: the host's profile would not time them
+        split_rounds(rows, profiled)
     result = {"description": suite.description, "arch": suite.arch, "load_average": loads,
               "rules": figures(rows, threads)}
     for row in rows:
@@ -294,8 +302,38 @@ def interleave(rows: Sequence[Row], batches: Sequence[tuple[torch.Tensor, torch.
                 row.ms[threads].append(ms)
 
 
+def split_rounds(rows: Sequence[Row], batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Each row's ``split``: one profiled step of every working rule per batch, in rotating order as the
+    timed rounds are, after one discarded profile (the profiler's first session in a process is slower)."""
+    splits: dict[str, list[TimeSplit]] = {row.key: [] for row in rows}
+    for r, (x, y) in enumerate([*batches[:1], *batches]):
+        working = [row for row in rows if row.rule is not None]
+        shift = r % max(1, len(working))
+        for row in (working[shift:] + working[:shift]) if r else working[:1]:
+            assert row.rule is not None  # only working rows were picked
+            try:
+                split = profile_step(row.rule, x, y)
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- as in measure_network
+                row.rule, row.error = None, _failure(exc)
+                continue
+            if r:
+                splits[row.key].append(split)
+    for row in rows:
+        row.split = mean_split(splits[row.key]) if splits[row.key] else None
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def _priced_overhead(row: Row, ref: Row) -> float | None:
+    """(time in priced operations / BP's) / (FLOPs / BP's), from the profiled steps: 1 when the rule's
+    arithmetic runs as fast per FLOP as BP's."""
+    if row.split is None or ref.split is None or row.flops is None or ref.flops is None:
+        return None
+    return _ratio(_ratio(row.split.priced_ms, ref.split.priced_ms), _ratio(row.flops.median, ref.flops.median))
 
 
 def figures(rows: Sequence[Row], threads: Sequence[int]) -> dict[str, dict[str, Any]]:
@@ -320,6 +358,8 @@ def figures(rows: Sequence[Row], threads: Sequence[int]) -> dict[str, dict[str, 
             "flop_ratio": _ratio(flops.median if flops else None, ref_flops.median if ref_flops else None),
             "flop_ratio_mean": _ratio(flops.mean if flops else None, ref_flops.mean if ref_flops else None),
             "aten_ops_ratio": _ratio(flops.count.calls if flops else None, ref_flops.count.calls if ref_flops else None),
+            "time_split": row.split.as_dict() if row.split is not None else None,
+            "priced_overhead": _priced_overhead(row, ref),
             "by_threads": {},
         }
         for count in threads:
@@ -342,6 +382,24 @@ def figures(rows: Sequence[Row], threads: Sequence[int]) -> dict[str, dict[str, 
 
 # ----- the report ----------------------------------------------------------------------------------
 HEADLINE = ("time_ratio", "flop_ratio", "overhead", "memory_ratio")
+
+
+def _split_table(rules_: dict[str, dict[str, Any]], threads: int) -> list[str]:
+    """The 'where the time goes' table of one network (empty when nothing was profiled)."""
+    rows = [(key, row) for key, row in rules_.items() if row.get("time_split")]
+    if not rows:
+        return []
+    lines = [f"Where the time goes, {threads} thread(s), profiled steps (see below): ms per step", "",
+             "| rule | vs | FLOPs | overhead | priced ms | priced overhead | unpriced ms | outside ms "
+             "| largest unpriced operations (ms) |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, row in rows:
+        split = row["time_split"]
+        top = ", ".join(f"{name.removeprefix('aten::')} {ms:.1f}"
+                        for name, ms in list(split["unpriced_top_ms"].items())[:4])
+        lines.append(f"| `{key}` | {row['compared_with']} | {_cell(row['flop_ratio'])} | {_cell(row['overhead'])} | "
+                     f"{_cell(split['priced_ms'], 1)} | {_cell(row['priced_overhead'])} | "
+                     f"{_cell(split['unpriced_ms'], 1)} | {_cell(split['outside_ms'], 1)} | {top} |")
+    return lines + [""]
 
 
 def write_results(out: Path, report: dict[str, Any]) -> list[str]:
@@ -399,6 +457,7 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{spread} | {_cell(row['aten_ops_ratio'])} | {_cell(t.get('ms_median'), 1)} | "
                     f"{_cell(flops / 1e6 if flops is not None else None, 1)} |")
             lines.append("")
+        lines += _split_table(result["rules"], threads[0])
         periodic = [(key, row) for key, row in result["rules"].items()
                     if row["flop_ratio_mean"] is not None and row["flop_ratio"]
                     and abs(row["flop_ratio_mean"] / row["flop_ratio"] - 1) > 0.01]
@@ -411,7 +470,18 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| `{key}` | {_cell(row['flop_ratio_mean'])} | {_cell(mean_time)} | "
                              f"{_cell(_ratio(mean_time, row['flop_ratio_mean']))} |")
             lines.append("")
-    lines += ["## What the FLOPs count", "",
+    lines += ["## Where the time goes", "",
+              "Each rule's last steps run under `torch.profiler` (`localcredit/bench/time_split.py`): **priced** = "
+              "milliseconds in the operations the FLOP count prices (matmuls, convolutions and their backward, "
+              "solves, with the kernels they call); **unpriced** = the other aten operations (activations, batch "
+              "norm, pooling, losses, the optimiser's update, copies, allocations); **outside** = the rest of the "
+              "step's wall time (Python, the autograd engine, hooks, and the profiler's own cost per event, which "
+              "grows with the operation count). **priced overhead** = (priced time / BP's) / (FLOPs / BP's): 1 when "
+              "the rule's arithmetic runs as fast per FLOP as BP's. A rule whose overhead is above 1 while its "
+              "priced overhead is near 1 spends the extra time in work the FLOP count leaves out, named in the "
+              "last column. The profiler slows each step, so read the columns against BP's row, not against the "
+              "interleaved milliseconds.", "",
+              "## What the FLOPs count", "",
               "`localcredit/bench/flops.py` counts every aten operation of real steps (forward, backward, auxiliary "
               "heads, feedback matmuls, solves, optimisers) with torch's own FLOP formulas (matmuls, convolutions "
               "and their backward, attention) and formulas of its own for matrix-vector products, LU "
