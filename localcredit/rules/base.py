@@ -192,7 +192,10 @@ def target_distribution(y: torch.Tensor, num_classes: int, mask: torch.Tensor | 
     if y.is_floating_point():
         target = y if dtype is None else y.to(dtype)
     else:
-        target = F.one_hot(y, num_classes).to(dtype or torch.get_default_dtype())
+        # scatter, not F.one_hot: one_hot reads y's min and max back to the host to check them (two
+        # syncs per call, each block of a local rule calls it); the labels were checked when loaded.
+        target = torch.zeros(len(y), num_classes, dtype=dtype or torch.get_default_dtype(), device=y.device)
+        target.scatter_(1, y.unsqueeze(1), 1.0)
     if mask is None:
         return target
     target = target * mask
