@@ -31,9 +31,9 @@ the paper's code draws W and B alike (fa's scale, 1/sqrt(fan-in of the feedback)
 
 The default lambda = 1e-3 per step: B - W falls to 1/e of its start in 1,000 steps and to 5 % in 3,000
 (6 epochs of 60k images at batch 128, without a schedule), at a cost of 0.4 points on the 2-epoch VGG check
-(docs/sign-feedback.md). A larger lambda aligns sooner but decays W as fast: on batch-normalised
-layers the weights then turn quickly and their running statistics lag behind (lambda = 5e-3 aligns
-every block above 0.9 within the 314 steps of that check but ends 5 points lower; 1e-2, 10).
+(docs/sign-feedback.md). A larger lambda aligns sooner but decays W as fast, and that weight decay
+costs accuracy with batch norm and without it (lambda = 5e-3 aligns every block above 0.9 within the
+314 steps of that check but ends 5 points lower; 1e-2, 10; docs/sign-feedback.md).
 """
 
 from __future__ import annotations
