@@ -19,7 +19,7 @@ from ..nets.architectures import VGG8B, NetSpec
 from ..rules.base import OptimConfig
 from ..spec import from_mapping, to_argv
 from ..training.runfiles import RESULT, read_json
-from .published import BIOTORCH_LENET, LFNN_MNIST, LOCAL_LOSS_MLP, LOCAL_LOSS_VGG8B, Published
+from .published import BIOTORCH_LENET, BIOTORCH_SIGN, LFNN_MNIST, LOCAL_LOSS_MLP, LOCAL_LOSS_VGG8B, Published
 
 #: The rule every other is compared with (ratios, the extra reference runs on special networks).
 REFERENCE = "bp"
@@ -105,7 +105,7 @@ def recipe_of(suite: Suite, data: str, row: str = "") -> dict[str, Any]:
 
 
 #: The MLP suites' framing numbers: BioTorch's LeNet and the LFNN MLP (other networks and lengths).
-FRAMING = {**BIOTORCH_LENET, **LFNN_MNIST}
+FRAMING = {**BIOTORCH_LENET, **BIOTORCH_SIGN, **LFNN_MNIST}
 
 #: The conv suite's network (docs/bench.md sizes it: FLOPs per sample, step times, the 90-minute budget).
 CONV_CHANNELS = "16,M,32,M,64,M"
@@ -114,11 +114,12 @@ CONV_HIDDEN = [128]
 JITTER = {"mnist": {"augment": "crop:2"}, "fashion-mnist": {"augment": "crop:2,flip"}}
 
 #: Framing numbers for the conv suite, keyed by our row names: local-loss's vgg8b for bp, pred (our
-#: local-learned) and predsim; BioTorch's LeNet for fa and dfa.
+#: local-learned) and predsim; BioTorch's LeNet for fa, dfa and the sign-concordant rules.
 CONV_PUBLISHED = {
     **{({"pred": "local-learned"}.get(row, row), data): number for (row, data), number in LOCAL_LOSS_VGG8B.items()
        if row != "sim"},
     **{key: number for key, number in BIOTORCH_LENET.items() if key[0] != REFERENCE},
+    **BIOTORCH_SIGN,
 }
 
 CONV = Suite(
