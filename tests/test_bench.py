@@ -11,7 +11,7 @@ import pytest
 
 from localcredit import rules
 from localcredit.bench.plan import FRAMING, PAPER
-from localcredit.bench.report import PLOTS
+from localcredit.bench.report import PLOTS, mixed_training_sets
 from localcredit.bench.runner import (
     SUITES,
     BenchOptions,
@@ -269,3 +269,14 @@ def test_bench_estimate_and_cases_on_the_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lfnn-mlp-mnist" in out and "CPU hours" in out
     assert not list(tmp_path.iterdir())
+
+
+def test_a_report_says_when_test_runs_of_one_data_set_trained_on_different_numbers_of_images():
+    def final(label, data, size):
+        return {"stage": "final", "data": data, "label": label, "train_samples": size}
+
+    same = [final("bp", "mnist", 60000), final("fa", "mnist", 60000), final("bp", "fashion-mnist", 60000)]
+    assert mixed_training_sets(same, ["mnist", "fashion-mnist"]) == []
+    mixed = [*same, final("kp", "mnist", 8000), {**final("kp", "mnist", 100), "stage": "tune"}]
+    (line, _), = [mixed_training_sets(mixed, ["mnist", "fashion-mnist"])]
+    assert "Not comparable on mnist" in line and "8,000 images: kp; 60,000 images: bp, fa" in line

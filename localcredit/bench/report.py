@@ -58,7 +58,8 @@ def run_row(run: Run, options, alignments: dict, probes: dict) -> dict:
            "accuracy_per_epoch": " ".join(f"{a:.4f}" for a in result.get("test_accuracy_per_epoch", [])),
            "seconds_per_epoch": steady_seconds_per_epoch(result) if result.get("seconds_per_epoch") else None,
            "samples_per_second": result.get("samples_per_second"),
-           "peak_rss_mb": result.get("peak_memory_mb"), "parameters": result.get("parameters")}
+           "peak_rss_mb": result.get("peak_memory_mb"), "parameters": result.get("parameters"),
+           "train_samples": result.get("train_samples")}
     if run.stage == "final":
         # Probes ran on the first data set only (a step costs the same on MNIST and Fashion-MNIST).
         probe = probes.get(run.entry, {}) if run.data == suite.datasets[0] else {}
@@ -211,6 +212,25 @@ def tuning_table(rows: list[dict], chosen: Sequence[Entry], datasets: Sequence[s
     return lines
 
 
+def mixed_training_sets(rows: list[dict], datasets: Sequence[str]) -> list[str]:
+    """A warning when a data set's test runs trained on different numbers of images: a run kept by --resume
+    from before the data set's source changed (e.g. MNIST from 10,000 to 60,000 images) is not comparable."""
+    lines = []
+    for data in datasets:
+        sizes: dict[int, list[str]] = {}
+        for row in rows:
+            if row["stage"] == "final" and row["data"] == data and row.get("train_samples"):
+                labels = sizes.setdefault(int(row["train_samples"]), [])
+                if row["label"] not in labels:
+                    labels.append(row["label"])
+        if len(sizes) > 1:
+            groups = "; ".join(f"{size:,} images: {', '.join(labels)}" for size, labels in sorted(sizes.items()))
+            lines += [f"**Not comparable on {data}: its test runs trained on different numbers of images** ({groups}). "
+                      "Runs kept by `--resume` from before the data set changed; delete their folders under `runs/` "
+                      "and resume to train them again.", ""]
+    return lines
+
+
 def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall: str, probes: dict) -> str:
     suite = options.suite
     loads = [p["load_average_1min"] for p in probes.values() if "load_average_1min" in p]
@@ -266,6 +286,7 @@ def markdown(options, rows: list[dict], chosen: Sequence[Entry], lrs: dict, wall
         "",
         *summary_table(rows, chosen, datasets, lrs, suite.published),
         "",
+        *mixed_training_sets(rows, datasets),
         "Published errors come from METHODS.md with their sources (`localcredit/bench/published.py`); '-' where none "
         "exists for that row. *published BP-free*: whether the published training kept the error from crossing "
         "blocks end to end." + (f" Recipe and comparability: {suite.source}." if suite.source else ""),
