@@ -13,27 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from conv_backward import median_ms  # the same timer (this script's folder is on sys.path)
 
 #: (channels, height = width) of the VGG's three pooled maps (16,M,32,M,64,M on 28x28)
 MAPS = [(16, 28), (32, 14), (64, 7)]
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def measure_map(channels: int, size: int, repeats: int) -> dict[str, float]:
