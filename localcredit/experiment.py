@@ -29,7 +29,7 @@ from .data.streaming import StreamedDataset
 from .data.svhn import load_svhn
 from .errors import UserError
 from .nets.architectures import NetSpec, parse_hidden
-from .rules.base import OptimConfig, Rule, parse_options
+from .rules.base import OptimConfig, Rule, laid_out, parse_options
 from .rules.local_loss import LocalLossRule
 from .spec import at_least, option
 from .training.checkpoint import atomic_write_bytes
@@ -88,7 +88,7 @@ def build_rule(spec: RunSpec, data: Dataset | StreamedDataset) -> Rule:
     rule_cls = rules.get(spec.rule)
     torch.manual_seed(spec.seed)
     net = rule_cls.build_network(spec.net_spec(), data.input_shape, data.num_classes)
-    return rule_cls(net, config, spec.part(OptimConfig))
+    return laid_out(rule_cls(net, config, spec.part(OptimConfig)))
 
 
 def load_data(spec: RunSpec) -> Dataset | StreamedDataset:

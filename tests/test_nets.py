@@ -238,3 +238,35 @@ def test_residual_unit_is_a_block_with_both_paths():
     assert isinstance(ResidualUnit(8, 8, 1, "batch", None).shortcut, nn.Identity)
     assert unit(torch.randn(2, 4, 9, 9)).shape == (2, 8, 5, 5)
     assert math.prod(unit.residual[0].weight.shape) == 8 * 4 * 9
+
+
+def _four_d(module):
+    return [t for t in [*module.parameters(), *module.buffers()] if t.dim() == 4]
+
+
+@pytest.mark.parametrize("name", ["bp", "fa", "predsim", "dgl", "infopro"])
+def test_built_in_conv_nets_keep_their_maps_channels_last_and_compute_the_same(fashion_small, name):
+    # SGD: Adam's first step, lr x g / |g|, would turn rounding in a near-zero gradient into a whole step
+    spec = RunSpec(rule=name, data="fashion-mnist", seed=0, optimizer="sgd", **DEEP_NETWORKS["vgg"])
+    rule = build_rule(spec, fashion_small)
+    # the net's and the rule's own 4-d weights (auxiliary convs, feedback kernels) alike
+    assert rule.net.memory_format == torch.channels_last
+    assert _four_d(rule) and all(t.is_contiguous(memory_format=torch.channels_last) for t in _four_d(rule))
+    reference = build_rule(spec, fashion_small).to(memory_format=torch.contiguous_format)
+    assert all(t.is_contiguous() for t in _four_d(reference))
+    x, y = fashion_small.x_train[:32], fashion_small.y_train[:32]
+    # a layout is only strides: one step from the same weights lands on the same weights (float rounding)
+    rule.step(x, y)
+    reference.step(x, y)
+    for (key, got), want in zip(rule.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=key)
+    torch.testing.assert_close(rule.predict(x), reference.predict(x))
+
+
+def test_other_nets_keep_the_default_layout(fashion_small):
+    for network in [dict(arch="mlp", hidden=[32]), dict(arch="invertible-conv", patches=[7, 4, 1])]:
+        rule = build_rule(RunSpec(rule="bp", data="fashion-mnist", seed=0, **network), fashion_small)
+        assert rule.net.memory_format == torch.contiguous_format
+        assert all(t.is_contiguous() for t in rule.parameters())
+    user = lc.make_rule("bp", user_conv_net())
+    assert all(t.is_contiguous() for t in user.parameters())

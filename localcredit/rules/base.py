@@ -88,8 +88,18 @@ def make_rule(name: str, net: BlockNet, *, optimizer: str = "adam", lr: float | 
     optim = OptimConfig(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     check(optim, source="make_rule")
     where = checked_device(device, "make_rule") if device is not None else None
-    rule = rule_cls(net, make_config(rule_cls.Config, options), optim)
+    rule = laid_out(rule_cls(net, make_config(rule_cls.Config, options), optim))
     return rule.to(where) if where is not None else rule
+
+
+def laid_out(rule: Rule) -> Rule:
+    """``rule`` with its network's and its own 4-d weights in the network's memory layout (in place).
+
+    The parameters stay the same objects (the optimiser's), only their strides change; later moves
+    to a device keep the layout.
+    """
+    # Module.to takes memory_format (converting 4-d tensors only), but torch's type stubs do not say so
+    return rule.to(memory_format=rule.net.memory_format)  # type: ignore[call-overload]
 
 
 @dataclass
