@@ -60,9 +60,9 @@ MLP_FORMULAS = {
     # ... and a learned one: its weight gradient too
     "local-learned": lambda rule: 2 * FORWARD + sum(6 * B * h * C for h in HIDDEN),
     # per block: the pred decoder h_l -> C (forward, weight and input gradients), the similarity
-    # matrix h h^T (B x h_l by h_l x B) and its backward (two products of the same size), and the
-    # labels' similarity (B x C by C x B)
-    "predsim": lambda rule: 2 * FORWARD + sum(6 * B * h * C + 6 * B * B * h + 2 * B * B * C for h in HIDDEN),
+    # matrix h h^T (B x h_l by h_l x B) and its backward (one product of the same size: the matrix is
+    # symmetric); once per step the labels' similarity (B x C by C x B)
+    "predsim": lambda rule: 2 * FORWARD + sum(6 * B * h * C + 4 * B * B * h for h in HIDDEN) + 2 * B * B * C,
     # per block the auxiliary MLP h -> h -> h -> C (mlp=3; hidden as wide as its input): forward,
     # weight and input gradients
     "dgl": lambda rule: 2 * FORWARD + sum(6 * B * (2 * h * h + h * C) for h in HIDDEN),

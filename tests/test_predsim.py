@@ -40,19 +40,33 @@ class TestPredSim(RuleContract):
     def test_identical_samples_of_one_class_give_zero_sim_loss(self):
         h = torch.randn(1, 5, 3, 3).repeat(4, 1, 1, 1)
         target = F.one_hot(torch.tensor([2, 2, 2, 2]), 10).float()
-        assert sim_loss(h, target) < 1e-12  # exactly 0 up to rounding
+        assert sim_loss(h, similarity_matrix(target)) < 1e-12  # exactly 0 up to rounding
         other = F.one_hot(torch.tensor([2, 2, 2, 7]), 10).float()
-        assert sim_loss(h, other) > 0  # a sample of another class should not look the same
+        assert sim_loss(h, similarity_matrix(other)) > 0  # a sample of another class should not look the same
 
     def test_sim_loss_and_its_gradient_are_the_formula(self):
         torch.manual_seed(0)
         h = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
         target = F.one_hot(torch.tensor([0, 1, 1, 2, 0, 1]), 3).double()
-        got, want = sim_loss(h, target), reference_sim_loss(h, target)
+        got, want = sim_loss(h, similarity_matrix(target)), reference_sim_loss(h, target)
         torch.testing.assert_close(got, want)
+        # the closed-form backward against autograd through the pair-by-pair formula, and numerically
         torch.testing.assert_close(torch.autograd.grad(got, h)[0], torch.autograd.grad(want, h)[0])
+        assert torch.autograd.gradcheck(lambda z: sim_loss(z, similarity_matrix(target)), (h,))
         s = similarity_matrix(h.detach())
         torch.testing.assert_close(s.diagonal(), torch.ones(6, dtype=torch.float64))
+
+    def test_the_target_similarity_is_computed_once_per_labels(self, fashion_small):
+        rule = self.make(fashion_small)
+        _, y = self.batch(fashion_small, n=8)
+        first = rule.target_similarity(y)
+        assert rule.target_similarity(y) is first  # the second block of the step reuses it
+        torch.testing.assert_close(first, similarity_matrix(F.one_hot(y, 10).float()))
+        other = y.clone()
+        other[0] = (y[0] + 1) % 10
+        assert not torch.equal(rule.target_similarity(other), first)  # new labels: computed again
+        y[0] = other[0]  # labels changed in place are new labels too
+        torch.testing.assert_close(rule.target_similarity(y), rule.target_similarity(other))
 
     def test_decoder_input_is_pooled_to_fit(self):
         assert decoder_pool((128, 28, 28), 2048) == (4, 4)  # 128 x 4 x 4 = 2048
