@@ -41,6 +41,18 @@ def fashion() -> Dataset:
     return fashion_data()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_data_left_unchanged():
+    # Every test shares fashion_data()'s tensors (subsets are views): one that writes into them changes
+    # what the tests after it see, depending on the order. Checked once, when the session ends.
+    yield
+    if fashion_data.cache_info().currsize:
+        data, fresh = fashion_data(), load("fashion-mnist")
+        changed = [k for k in ("x_train", "y_train", "x_test", "y_test")
+                   if not torch.equal(getattr(data, k), getattr(fresh, k))]
+        assert not changed, f"a test wrote into the shared Fashion-MNIST tensors: {changed}"
+
+
 @pytest.fixture(scope="session")
 def fashion_small() -> Dataset:
     return fashion_small_data()

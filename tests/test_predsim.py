@@ -59,6 +59,7 @@ class TestPredSim(RuleContract):
     def test_the_target_similarity_is_computed_once_per_labels(self, fashion_small):
         rule = self.make(fashion_small)
         _, y = self.batch(fashion_small, n=8)
+        y = y.clone()  # changed in place below: not the shared data set's labels
         first = rule.target_similarity(y)
         assert rule.target_similarity(y) is first  # the second block of the step reuses it
         torch.testing.assert_close(first, similarity_matrix(F.one_hot(y, 10).float()))
