@@ -650,6 +650,15 @@ def test_validation_split_holds_out_training_data_and_never_the_test_split(fashi
     assert torch.equal(val.x_train, fashion.x_train[torch.from_numpy(train)])
 
 
+def test_the_inputs_are_the_same_bits_whatever_the_thread_count():
+    # a float32 sum's rounding depends on how threads split it: the statistics must not
+    loaded = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        loaded.append(load("fashion-mnist"))
+    assert torch.equal(loaded[0].x_train, loaded[1].x_train) and torch.equal(loaded[0].x_test, loaded[1].x_test)
+
+
 def test_validation_split_of_an_unknown_data_set_is_a_user_error():
     with pytest.raises(UserError, match="unknown dataset"):
         load("val:nope")

@@ -191,10 +191,13 @@ def _standardise(x_train: torch.Tensor, x_test: torch.Tensor) -> None:
     The test split uses the training statistics so that no information leaks from it.
     """
     dims = (0, 2, 3) if x_train.dim() == 4 else tuple(range(x_train.dim()))
-    mean = x_train.mean(dim=dims, keepdim=True)
+    # Sums in float64: a float32 sum's rounding depends on how many threads split it, and the inputs
+    # must be the same bits whatever torch.get_num_threads() was when the data were loaded.
+    mean = x_train.mean(dim=dims, keepdim=True, dtype=torch.float64).to(torch.float32)
     x_train.sub_(mean)
-    # Variance of the already centred data: accurate in float32 and much faster than torch.std_mean.
-    std = x_train.var(dim=dims, keepdim=True, correction=0).sqrt_().clamp_min_(STD_FLOOR)
+    # Variance of the already centred data: much faster than torch.std_mean.
+    variance = x_train.square().mean(dim=dims, keepdim=True, dtype=torch.float64).to(torch.float32)
+    std = variance.sqrt_().clamp_min_(STD_FLOOR)
     x_train.div_(std)
     x_test.sub_(mean).div_(std)
 
