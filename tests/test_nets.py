@@ -244,6 +244,25 @@ def _four_d(module):
     return [t for t in [*module.parameters(), *module.buffers()] if t.dim() == 4]
 
 
+def _strided_pointwise_convs(module):
+    # torch 2.13's CPU weight gradient of a 1x1 stride-2 conv on channels-last maps with < 8 input
+    # channels writes out of bounds (heap corruption, wrong gradients): no channels-last net may hold one
+    return [m for m in module.modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1]
+
+
+def test_channels_last_nets_hold_no_conv_whose_gradient_torch_gets_wrong_in_that_layout():
+    from localcredit.nets.architectures import ARCHITECTURES
+    channels_last = [name for name, a in ARCHITECTURES.items() if a.memory_format == torch.channels_last]
+    assert {"conv", "lenet", "vgg"} <= set(channels_last)
+    for name in channels_last:
+        net = build(NetSpec(arch=name, width=0.125), (1, 28, 28), 10)
+        assert not _strided_pointwise_convs(net), name
+    # the one built-in net with such convs (its shortcuts) keeps the default layout
+    resnet = build(NetSpec(arch="resnet", depth=8, width=0.125), (1, 28, 28), 10)
+    assert _strided_pointwise_convs(resnet) and resnet.memory_format == torch.contiguous_format
+
+
 @pytest.mark.parametrize("name", ["bp", "fa", "predsim", "dgl", "infopro"])
 def test_built_in_conv_nets_keep_their_maps_channels_last_and_compute_the_same(fashion_small, name):
     # SGD: Adam's first step, lr x g / |g|, would turn rounding in a near-zero gradient into a whole step
@@ -251,6 +270,8 @@ def test_built_in_conv_nets_keep_their_maps_channels_last_and_compute_the_same(f
     rule = build_rule(spec, fashion_small)
     # the net's and the rule's own 4-d weights (auxiliary convs, feedback kernels) alike
     assert rule.net.memory_format == torch.channels_last
+    assert build(NetSpec(**DEEP_NETWORKS["vgg"], modules=2), (1, 28, 28), 10).memory_format == torch.channels_last
+    assert not _strided_pointwise_convs(rule)
     assert _four_d(rule) and all(t.is_contiguous(memory_format=torch.channels_last) for t in _four_d(rule))
     reference = build_rule(spec, fashion_small).to(memory_format=torch.contiguous_format)
     assert all(t.is_contiguous() for t in _four_d(reference))
@@ -264,7 +285,8 @@ def test_built_in_conv_nets_keep_their_maps_channels_last_and_compute_the_same(f
 
 
 def test_other_nets_keep_the_default_layout(fashion_small):
-    for network in [dict(arch="mlp", hidden=[32]), dict(arch="invertible-conv", patches=[7, 4, 1])]:
+    for network in [dict(arch="mlp", hidden=[32]), dict(arch="invertible-conv", patches=[7, 4, 1]),
+                    dict(arch="resnet", depth=8, width=0.25)]:
         rule = build_rule(RunSpec(rule="bp", data="fashion-mnist", seed=0, **network), fashion_small)
         assert rule.net.memory_format == torch.contiguous_format
         assert all(t.is_contiguous() for t in rule.parameters())

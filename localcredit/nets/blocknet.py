@@ -115,8 +115,10 @@ class BlockNet(nn.Module):
             group = list(self.blocks[start:start + size])
             blocks.append(group[0] if size == 1 else nn.Sequential(*group))
             start += size
-        return BlockNet(blocks, self.head, self.input_shape, self.num_classes, arch=self.arch, hidden=self.hidden,
-                        description={**self.description, "modules": sizes})
+        grouped = BlockNet(blocks, self.head, self.input_shape, self.num_classes, arch=self.arch,
+                           hidden=self.hidden, description={**self.description, "modules": sizes})
+        grouped.memory_format = self.memory_format  # the same layers: the same layout
+        return grouped
 
     @contextmanager
     def statistics_kept(self) -> Iterator[None]:
