@@ -266,10 +266,11 @@ def wait_for(path: Path, proc: subprocess.Popen) -> None:
 
 @pytest.mark.parametrize("layout", [
     ["--rule", "bp", "--hidden", "256"],
-    # Half the images for the two-process layouts: 150 steps an epoch still leave the signal well inside epoch 2.
-    ["--rule", "lfnn-l", "--hidden", "128,128", "--procs", "2", "--parallel", "blocks", "--limit-train", "1500"],
+    # 800 images for the two-process layouts (each of their steps pays an exchange between the processes):
+    # 80 steps an epoch still leave the signal well inside epoch 2 (it is sent within 20 ms of epoch 1's checkpoint).
+    ["--rule", "lfnn-l", "--hidden", "128,128", "--procs", "2", "--parallel", "blocks", "--limit-train", "800"],
     ["--rule", "bp", "--arch", "vgg", "--channels", "4,M,8,M", "--hidden", "16", "--dropout", "0.1", "--procs", "2",
-     "--limit-train", "1500"],
+     "--limit-train", "800"],
 ])
 @pytest.mark.slow
 def test_sigterm_in_epoch_2_exits_143_and_resume_reaches_the_uninterrupted_accuracy(npz, tmp_path, layout):
