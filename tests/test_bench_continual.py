@@ -51,7 +51,7 @@ def test_the_full_suite_runs_every_rule_under_every_strategy_in_the_three_split_
     argv = continual_arguments(next(r for r in final if r.strategy == "replay"), CONTINUAL, Path("OUT"), 1)
     text = " ".join(argv)
     for protocol in ("--data mnist", "--hidden 400,400", "--optimizer adam", "--lr 0.001", "--batch-size 128",
-                     "--steps-per-task 1000", "--tasks 5", "--strategy-set size=1000", "--threads 1", "--quiet"):
+                     "--steps-per-task 300", "--tasks 5", "--strategy-set size=1000", "--threads 1", "--quiet"):
         assert protocol in text
     assert "--out OUT/runs/split-task/replay/bp-seed0" in text
 
@@ -64,7 +64,7 @@ def test_the_full_suite_tunes_each_strength_on_the_validation_split_with_the_sam
                                                                                 ("lwf", "split-class")}
     for run in tune:
         argv = continual_arguments(run, CONTINUAL, Path("OUT"), 1)
-        assert argv[argv.index("--data") + 1] == "val:mnist" and argv[argv.index("--steps-per-task") + 1] == "250"
+        assert argv[argv.index("--data") + 1] == "val:mnist" and argv[argv.index("--steps-per-task") + 1] == "100"
         assert run.seed == 0
     grids = {}
     for run in tune:

@@ -144,8 +144,7 @@ def analyse_nan(ctx: Context, case: Case) -> CaseReport:
 
 
 #: Where the continual suite's results.csv may be (bench/continual_report.py writes it), first found wins.
-CONTINUAL_RESULTS = (Path("runs/bench/continual/results.csv"), Path("results/bench-continual/results.csv"),
-                     Path("results/continual/results.csv"))
+CONTINUAL_RESULTS = (Path("runs/bench/continual/results.csv"), Path("results/continual/grid/results.csv"))
 CONTINUAL_PROTOCOL = Path("results/continual/protocol")
 CONTINUAL_TABLE = Path("results/continual/table.csv")
 #: The commands that made each source of forgetting figures (their READMEs say so).
