@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..continual import strategies  # noqa: E402
 from ..continual.scenarios import SCENARIOS  # noqa: E402
 from ..data.base import VALIDATION_PREFIX  # noqa: E402
+from .continual_findings import findings_lines  # noqa: E402
 from .continual_suite import (  # noqa: E402
     DIVERGED,
     ContinualSuite,
@@ -231,7 +232,9 @@ def markdown(options, rows: list[dict], chosen: Sequence[Entry]) -> str:
         departure = f" Not the same budget: {suite.departure}." if suite.departure else ""
         lines += ["Published figures (BP on the same MLP), by source:", "", *sources.lines(), "",
                   f"{CONTINUAL_NOTE}.{departure}", ""]
-    lines += ["## Strategy strengths", "", *tuning_lines(rows, suite, chosen), "",
+    lines += ["## What the grid says", "",
+              *findings_lines(rows, [e.label for e in chosen], suite.scenarios, suite.strategy_names()), "",
+              "## Strategy strengths", "", *tuning_lines(rows, suite, chosen), "",
               "## Stability gap", "",
               "Accuracy on the first task while the later ones are learned (seed 0; dashed: task switches), BP "
               "against a local rule, without and with replay. A dip right after a switch that recovers is the "
