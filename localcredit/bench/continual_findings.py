@@ -129,6 +129,8 @@ def gain_lines(cells: Cells, labels: Sequence[str], scenarios: Sequence[str], na
     lines = []
     for scenario in scenarios:
         shown = [s for s in applied(scenario, names) if s != "naive"]
+        if not any((label, scenario, "naive") in cells for label in labels):
+            continue
         lines += [f"`{scenario}`: points of average accuracy over the rule's own `naive`", "",
                   "| rule | " + " | ".join(f"`{s}`" for s in shown) + " |", "|---|" + "---|" * len(shown)]
         gains: dict[str, dict[str, float]] = {}
