@@ -172,3 +172,14 @@ def test_tuning_widens_a_winning_edge_once_and_the_final_runs_take_the_choice(tm
     jobs = final_runs(plan, arm, tmp_path)
     assert [j.run.lr for j in jobs[:3] if j is not None] == pytest.approx([9e-3] * 3)
     assert jobs[3:] == [None] * 3  # Fashion-MNIST: not tuned yet, so no final run is planned there
+
+
+def test_nan_forgetting_counts_a_difference_only_beyond_the_seeds_spread():
+    from localcredit.bench.claims_figures import HOLDS, NOT
+    from localcredit.bench.claims_verdicts_bp import _forgetting
+
+    noisy = {"split-domain": {"nan": [0.50, 0.55, 0.60], "bp": [0.52, 0.57, 0.62]}}  # 2 points less, std 5
+    verdict, lines = _forgetting(noisy, "test", "cmd")
+    assert verdict.verdict == NOT and any("(a tie)" in line for line in lines)
+    clear = {"split-domain": {"nan": [0.30, 0.31, 0.32], "bp": [0.50, 0.51, 0.52]}}
+    assert _forgetting(clear, "test", "cmd")[0].verdict == HOLDS

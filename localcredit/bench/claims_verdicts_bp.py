@@ -211,7 +211,8 @@ def _forgetting(found: dict[str, dict[str, list[float]]], source: str, command: 
         if "nan" not in by_rule or REFERENCE not in by_rule:
             continue
         n, b = by_rule["nan"], by_rule[REFERENCE]
-        t = max(tolerance(n, b) / 100, floor, 0.005)  # forgetting is a fraction, the tolerance's floor in points
+        # forgetting is a fraction and tolerance() works in points: scale in and out
+        t = max(tolerance([v * 100 for v in n], [v * 100 for v in b]) / 100, floor, 0.005)
         d = statistics.mean(n) - statistics.mean(b)
         outcomes.append(-1 if d < -t else 1 if d > t else 0)
         word = {-1: "nan forgets less", 0: "a tie", 1: "nan forgets more"}[outcomes[-1]]
