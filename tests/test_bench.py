@@ -111,18 +111,22 @@ def test_widen_only_at_an_edge():
 
 @pytest.mark.slow
 def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path):
-    options = BenchOptions(suite=TINY, out=tmp_path, rule_names=["bp", "local-random"], workers=2, threads=1,
-                           progress=False, command="pytest tiny suite", log="csv")
+    # One learning rate to tune per rule (how tuning chooses among several is tested above, without training):
+    # 4 runs of real training, each a process of its own.
+    options = BenchOptions(suite=replace(TINY, lr_span=0), out=tmp_path, rule_names=["bp", "local-random"], workers=2,
+                           threads=1, progress=False, command="pytest tiny suite", log="csv")
     summary = run_bench(options)
-    assert summary["trained"] == 2 * 3 + 2 and summary["skipped"] == 0
+    assert summary["trained"] == 2 * 1 + 2 and summary["skipped"] == 0
 
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert len(rows) == 8
+    assert len(rows) == 4
     assert {r["stage"] for r in rows} == {"tune", "final"}
     assert all(r["status"] == "ok" for r in rows)
     finals = [r for r in rows if r["stage"] == "final"]
     assert {r["rule"] for r in finals} == {"bp", "local-random"}
-    assert all(float(r["accuracy"]) > 0.5 for r in finals)  # 3000 images, 2 epochs: far above chance (0.1)
+    # 3000 images, 2 epochs at the default learning rate: far above chance (0.1). Measured bp 0.758, local-random
+    # 0.466 (still rising steeply: 0.240 after epoch 1), so the bar is set well below the slower one.
+    assert all(float(r["accuracy"]) > 0.3 for r in finals)
     assert all(r["evaluated_on"] == "test" for r in finals)
     assert all(r["evaluated_on"] == "validation" for r in rows if r["stage"] == "tune")
     bp = next(r for r in finals if r["rule"] == "bp")
@@ -132,7 +136,7 @@ def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path
     assert float(local["step_memory_ratio_to_bp"]) > 0
     assert len(local["alignment_final"].split()) == 3
 
-    assert len(list(tmp_path.glob("runs/**/logs/steps.csv"))) == 8  # --log is passed on to every training
+    assert len(list(tmp_path.glob("runs/**/logs/steps.csv"))) == 4  # --log is passed on to every training
     assert not list(tmp_path.glob("runs/tune/**/checkpoint.pt"))  # tuning weights are not kept
     assert len(list(tmp_path.glob("runs/final/**/checkpoint.pt"))) == 2
 
@@ -149,7 +153,7 @@ def test_tiny_suite_writes_every_output_and_a_rerun_skips_finished_runs(tmp_path
         run_bench(options)  # the same command again, without saying what to do with the finished bench
     assert [p.stat().st_mtime_ns for p in results] == stamps and (tmp_path / "RESULTS.md").read_bytes() == report_bytes
     again = run_bench(replace(options, resume=True))
-    assert again["trained"] == 0 and again["skipped"] == 8
+    assert again["trained"] == 0 and again["skipped"] == 4
     assert [p.stat().st_mtime_ns for p in results] == stamps
 
 
@@ -249,8 +253,10 @@ def test_the_lfnn_and_biotorch_cases_train_their_published_networks():
 
 @pytest.mark.slow
 def test_a_tiny_conv_suite_writes_results_with_the_published_column(tmp_path, capsys):
+    # A narrow VGG: the report is under test, and evaluating the suite's own net on 10k test images is most of a run.
     tiny = replace(SUITES["conv"], datasets=("fashion-mnist",), limit_train=600, tune_limit_train=300, epochs=1,
-                   lr_span=0, lr_extensions=0, recipe={**SUITES["conv"].recipe, "milestones": [1]})
+                   lr_span=0, lr_extensions=0, recipe={**SUITES["conv"].recipe, "milestones": [1]},
+                   network=NetSpec(arch="vgg", channels="4,M,8,M", hidden=[16]))
     options = BenchOptions(suite=with_seeds(tiny, 1), out=tmp_path, rule_names=["bp", "local-learned"], workers=2,
                            threads=1, progress=False, command="localcredit bench --suite conv --rules bp,local-learned")
     run_bench(options)
