@@ -136,7 +136,7 @@ class ContinualSuite:
 
 #: The grid's budget: 300 steps per task (the protocol's 2000 would make the grid ~60 CPU hours, 1000 ~20): measured
 #: on this machine (one thread, 1500 steps, naive): bp 18 s, predsim 22 s, gaitprop 28 s, dgl 32 s a run, so with
-#: EWC's Fisher, A-GEM's reference updates and the 660 tuning runs the grid is ~5 h on 2 cores (docs/bench.md).
+#: EWC's Fisher, A-GEM's reference updates and the 660 tuning runs the grid took ~4.5 h on 2 cores (docs/bench.md).
 GRID_STEPS = 300
 CONTINUAL = ContinualSuite(
     "continual", "every rule x every strategy on split MNIST, task-, domain- and class-incremental (van de Ven & "
