@@ -5,13 +5,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import localcredit as lc
 from localcredit import rules
 from localcredit.errors import UserError
 from localcredit.experiment import RunSpec, build_rule
 from localcredit.nets.architectures import NetSpec, ResidualUnit, build, parse_layer_string
+from localcredit.nets.layout import AdaptiveAvgPool2d, Flatten, flatten_features, in_layout_of, in_memory_order
 from localcredit.spec import to_argv
 
 from .conftest import DEEP_NETWORKS, user_conv_net
@@ -263,7 +266,7 @@ def test_channels_last_nets_hold_no_conv_whose_gradient_torch_gets_wrong_in_that
     assert _strided_pointwise_convs(resnet) and resnet.memory_format == torch.contiguous_format
 
 
-@pytest.mark.parametrize("name", ["bp", "fa", "predsim", "dgl", "infopro"])
+@pytest.mark.parametrize("name", ["bp", "fa", "dfa", "nan", "predsim", "dgl", "lfnn-l", "infopro"])
 def test_built_in_conv_nets_keep_their_maps_channels_last_and_compute_the_same(fashion_small, name):
     # SGD: Adam's first step, lr x g / |g|, would turn rounding in a near-zero gradient into a whole step
     spec = RunSpec(rule=name, data="fashion-mnist", seed=0, optimizer="sgd", **DEEP_NETWORKS["vgg"])
@@ -292,3 +295,78 @@ def test_other_nets_keep_the_default_layout(fashion_small):
         assert all(t.is_contiguous() for t in rule.parameters())
     user = lc.make_rule("bp", user_conv_net())
     assert all(t.is_contiguous() for t in user.parameters())
+
+
+class _MixedLayouts(TorchDispatchMode):
+    """Records the backward kernels of pooling, batch norm and ReLU that get 4-d maps in both layouts
+    (a gradient in the default layout beside a channels-last map: torch's slow path, nets/layout.py)."""
+
+    WATCHED = ("max_pool2d_with_indices_backward", "native_batch_norm_backward", "_adaptive_avg_pool2d_backward",
+               "avg_pool2d_backward", "threshold_backward", "convolution_backward")
+
+    def __init__(self):
+        super().__init__()
+        self.mixed: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.WATCHED:
+            maps = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
+            # a map that both layouts describe (one channel, 1x1) is neither
+            layouts = {a.is_contiguous(memory_format=torch.channels_last) for a in maps
+                       if a.is_contiguous() != a.is_contiguous(memory_format=torch.channels_last)}
+            if len(layouts) > 1:
+                self.mixed.append(f"{func.__name__} {[tuple(a.shape) for a in maps]}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(rules.available()) if rules.get(n).trains("vgg")])
+def test_every_rules_gradients_keep_the_channels_last_layout_of_their_maps(fashion_small, name):
+    rule = build_rule(RunSpec(rule=name, data="fashion-mnist", seed=0, **DEEP_NETWORKS["vgg"]), fashion_small)
+    rule.start_epoch(0, 1)
+    recorder = _MixedLayouts()
+    with recorder:
+        rule.step(fashion_small.x_train[:16], fashion_small.y_train[:16])
+    assert recorder.mixed == []
+
+
+def _channels_last_map(*shape):
+    return torch.randn(*shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+
+def test_the_layout_check_sees_a_gradient_in_the_other_layout():
+    h = _channels_last_map(2, 3, 4, 4)
+    pooled = F.max_pool2d(h, 2)
+    recorder = _MixedLayouts()
+    with recorder:
+        pooled.backward(torch.ones(2, 3, 2, 2).contiguous())  # made in the default layout
+    assert recorder.mixed and recorder.mixed[0].startswith("max_pool2d_with_indices_backward")
+
+
+def test_flattened_features_send_their_gradient_back_in_the_maps_layout():
+    h = _channels_last_map(4, 3, 5, 5)
+    grad_out = torch.randn(4, 75)
+    for flatten in (flatten_features, Flatten()):
+        h.grad = None
+        flat = flatten(h)
+        torch.testing.assert_close(flat, h.detach().flatten(1), rtol=0, atol=0)  # the default C, H, W order
+        flat.backward(grad_out)
+        assert h.grad.is_contiguous(memory_format=torch.channels_last) and not h.grad.is_contiguous()
+        torch.testing.assert_close(h.grad, grad_out.view(4, 3, 5, 5), rtol=0, atol=0)
+    pooled = AdaptiveAvgPool2d(1)(h).flatten(1)
+    h.grad = None
+    pooled.sum().backward()
+    assert h.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(h.grad, torch.full_like(h, 1 / 25))
+
+
+def test_in_memory_order_is_a_view_and_in_layout_of_copies_only_when_strides_differ():
+    h = _channels_last_map(2, 3, 4, 4)
+    vector = in_memory_order(h)
+    assert vector.shape == (2, 48) and vector.data_ptr() == h.data_ptr()
+    torch.testing.assert_close(vector, h.detach().permute(0, 2, 3, 1).reshape(2, -1), rtol=0, atol=0)
+    plain = torch.randn(2, 3, 4, 4)
+    assert in_memory_order(plain).data_ptr() == plain.data_ptr()
+    values = torch.randn(2, 3, 4, 4)
+    moved = in_layout_of(values, h)
+    assert moved.stride() == h.stride() and torch.equal(moved, values)
+    assert in_layout_of(values, plain) is values

@@ -36,6 +36,7 @@ from ..errors import UserError
 from ..spec import check, one_of, option, positive
 from .blocknet import BlockNet
 from .layers import register_layer
+from .layout import Flatten
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -305,7 +306,8 @@ def vgg(spec: NetSpec, input_shape: tuple[int, ...], num_classes: int, arch: str
     norm = spec.norm or default_norm
     hidden = _hidden(spec, default_hidden)
     blocks, features = conv_stack(arch, parse_layer_string(channels), spec, norm, input_shape)
-    dense, head = dense_stack(features, hidden, num_classes, spec, norm, front=[nn.Flatten()])
+    # its gradient back channels-last, as the conv stack's maps are (layout.py)
+    dense, head = dense_stack(features, hidden, num_classes, spec, norm, front=[Flatten()])
     return BlockNet([*blocks, *dense], head, input_shape, num_classes, arch=arch, hidden=hidden,
                     description=_description(spec, channels=channels, norm=norm))
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..nets.layers import weight_layers
+from ..nets.layout import in_layout_of
 from .alignment import alignment
 from .base import StepFigures, option, register
 from .feedback import SubstitutedFeedback
@@ -178,4 +179,5 @@ class NextLayerAttention(NextLayerAttentionBP):
         row_budget = magnitude.sum(1, keepdim=True).mul_(self.config.budget)
         # In place on the fresh shares: one (out, in) temporary fewer per layer and step.
         # copysign gives w = +0 the sign +1, so no share of the budget is lost.
-        return budget_shares(magnitude, self.config).mul_(row_budget).copysign_(rows).view_as(weight)
+        kernel = budget_shares(magnitude, self.config).mul_(row_budget).copysign_(rows).view_as(weight)
+        return in_layout_of(kernel, weight)  # the rows were flattened in the default layout

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..nets.layout import Flatten
 from .base import option, register
 from .local_loss import POOLED_SIZE, LocalLossRule
 
@@ -61,7 +62,7 @@ def auxiliary_network(shape: tuple[int, ...], num_classes: int, config: DGLConfi
         features = channels * POOLED_SIZE ** 2
     else:
         features = math.prod(shape)
-    layers.append(nn.Flatten())
+    layers.append(Flatten())
     for _ in range(config.mlp - 1):
         layers += [nn.Linear(features, features), nn.ReLU()]
     layers.append(nn.Linear(features, num_classes))

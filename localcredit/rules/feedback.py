@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..nets.layers import check_layer_math, swapped_input_gradients, weight_layers, weight_op
+from ..nets.layout import in_layout_of
 from .base import Rule, StepFigures, option, register
 
 
@@ -102,7 +103,8 @@ class DirectFeedbackAlignment(Rule):
         *outputs, logits = [h for _, _, h in self.net.walk(x, detach_inputs=True)]
         loss = self.task_loss(logits, y)
         (error,) = torch.autograd.grad(loss, logits, retain_graph=True)
-        injected = [(error @ getattr(self, f"feedback_{i}")).view_as(out) for i, out in enumerate(outputs)]
+        injected = [in_layout_of((error @ getattr(self, f"feedback_{i}")).view_as(out), out)
+                    for i, out in enumerate(outputs)]
         with self.final_as_accumulated():  # one backward call: each block's weights are reached once
             torch.autograd.backward([loss, *outputs], [None, *injected])
         return {"loss": loss.detach()}

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..nets.layout import AdaptiveAvgPool2d
 from .base import option, register
 from .local_loss import LocalLossRule
 
@@ -137,7 +138,7 @@ def auxiliary_classifier(shape: tuple[int, ...], num_classes: int, feature_dim: 
         small = min(height, width) <= SMALL_MAP
         out = channels if small else 2 * channels
         layers += [nn.Conv2d(channels, out, 3, stride=1 if small else 2, padding=1, bias=False),
-                   nn.BatchNorm2d(out), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+                   nn.BatchNorm2d(out), nn.ReLU(), AdaptiveAvgPool2d(1), nn.Flatten()]
         features = out
     else:
         layers.append(nn.Flatten())

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nets.layout import flatten_features
 from .base import Rule, StepFigures
 
 #: Conv feature maps are average-pooled to this many rows and columns before an auxiliary classifier.
@@ -28,7 +29,7 @@ def block_features(h: torch.Tensor) -> torch.Tensor:
     """A block's output as one vector per sample; conv maps are average-pooled to POOLED_SIZE^2 first."""
     if h.dim() == 4:
         h = F.adaptive_avg_pool2d(h, POOLED_SIZE)
-    return h.flatten(1)
+    return flatten_features(h)
 
 
 def feature_size(shape: Sequence[int]) -> int:

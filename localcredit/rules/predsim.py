@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..nets.layers import swapped_input_gradients, weight_layers, weight_op
+from ..nets.layout import flatten_features, in_memory_order
 from .base import option, register
 from .feedback import random_feedback
 from .local_loss import LocalLossRule
@@ -102,7 +103,7 @@ class _SimilarityMSE(torch.autograd.Function):
 def sim_loss(projected: torch.Tensor, target_similarity: torch.Tensor) -> torch.Tensor:
     """Mean squared difference between the similarity matrix of the block's (projected) output and
     ``target_similarity`` (:func:`similarity_matrix` of the targets, which get no gradient)."""
-    return _SimilarityMSE.apply(projected.flatten(1), target_similarity.detach())
+    return _SimilarityMSE.apply(in_memory_order(projected), target_similarity.detach())
 
 
 def decoder_pool(shape: tuple[int, ...], dim_in_decoder: int) -> tuple[int, int] | None:
@@ -134,7 +135,7 @@ class BlockDecoders(nn.Module):
 
     def predict(self, h: torch.Tensor) -> torch.Tensor:
         pooled = h if self.pool is None else F.adaptive_avg_pool2d(h, self.pool)
-        return self.decoder(pooled.flatten(1))
+        return self.decoder(flatten_features(pooled))
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         return h if self.projection is None else self.projection(h)
