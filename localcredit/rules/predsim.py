@@ -76,28 +76,31 @@ class _SimilarityMSE(torch.autograd.Function):
     """mean((S(z) - T)^2) for a fixed T, with its gradient in closed form.
 
     One autograd node instead of the ~20 that the composed operations record (their per-operation cost
-    was most of predsim's step overhead on an MLP: results/speed). With u_i = c_i / (|c_i| + eps), c_i
-    the centred row z_i, and D = S - T:  dL/du = 4 D u / B^2 (D is symmetric);  dL/dc_i = (g_i - u_i
-    (u_i . g_i)) / (|c_i| + eps), which is autograd's up to eps / |c_i|; dL/dz = dL/dc less its row mean.
-    S is not clamped to [-1, 1]: it can leave it only by rounding, on the diagonal, where the projection
-    above removes the gradient anyway.
+    was most of predsim's step overhead on an MLP: results/speed), and only two passes over the B x n
+    values besides the two matmuls. With c the rows of z centred, G = c c^T, s_i = sqrt(G_ii) + eps,
+    S = G / (s s^T) and D = S - T (symmetric):  dL/dc = 4 / B^2 (D / (s s^T) - diag(r)) c,
+    r_i = sum_j D_ij S_ij / s_i^2 -- autograd's up to eps / |c_i|. Its rows sum to zero as c's do, so it
+    is also dL/dz (up to rounding). S is not clamped to [-1, 1]: it can leave it only by rounding, on
+    the diagonal, where the projection by diag(r) removes the gradient anyway.
     """
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, target_similarity: torch.Tensor) -> torch.Tensor:
         centred = z - z.mean(1, keepdim=True)
-        scale = centred.norm(dim=1, keepdim=True) + 1e-8
-        unit = centred / scale
-        difference = unit @ unit.t() - target_similarity
-        ctx.save_for_backward(unit, scale, difference)
+        gram = centred @ centred.t()
+        scale = gram.diagonal().sqrt().add_(1e-8)
+        similarity = gram.div_(scale[:, None]).div_(scale[None, :])
+        difference = similarity - target_similarity
+        ctx.save_for_backward(centred, scale, similarity, difference)
         return difference.square().mean()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        unit, scale, difference = ctx.saved_tensors
-        grad_unit = (difference @ unit).mul_(grad * (4 / difference.numel()))
-        grad_centred = grad_unit.sub_(unit * (grad_unit * unit).sum(1, keepdim=True)).div_(scale)
-        return grad_centred - grad_centred.mean(1, keepdim=True), None
+        centred, scale, similarity, difference = ctx.saved_tensors
+        along_own_row = (difference * similarity).sum(1).div_(scale.square())
+        mixing = difference.div(scale[:, None]).div_(scale[None, :])
+        mixing.diagonal().sub_(along_own_row)
+        return mixing.mul_(grad * (4 / difference.numel())) @ centred, None
 
 
 def sim_loss(projected: torch.Tensor, target_similarity: torch.Tensor) -> torch.Tensor:
