@@ -2,12 +2,11 @@
 
 The conv nets keep their maps channels-last (docs/networks.md, "Memory layout"). torch's CPU kernels for
 the backward of pooling and batch norm take a slow path when a gradient's strides differ from those of
-the map it belongs to, and two common steps make such gradients: flattening a channels-last map (for a
-classifier) copies it to the default layout, so autograd sends its gradient back in that layout; and a
-gradient built from a flat vector (``view``) is in the default layout. Measured on the conv suite's VGG,
-1 thread, the same rule's steps alternating with and without these: local-random, local-learned and
-lfnn-l 4-5 % faster (auxiliary classifiers on pooled maps); dfa's step 14 % shorter (its max-pooling
-backward had taken 3x BP's).
+the map it belongs to. Three common steps make such gradients: flattening a channels-last map for a
+classifier (the flat copy's gradient comes back in the default layout), a global average (its backward
+expands the gradient in the default layout) and an error built from a flat vector (``view``). On the
+speed suite's VGG these helpers made whole steps 0.87x (dfa: its max-pooling backward had taken 3x BP's)
+to 0.97x (lfnn-l) (benchmarks/gradient_layout.py; docs/networks.md, "Memory layout").
 """
 
 from __future__ import annotations
