@@ -14,8 +14,6 @@ overhead (time ratio / FLOP ratio) above its arithmetic. Every rule steps the sa
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -23,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from gradient_layout import write_report  # the same report (this script's folder is on sys.path)
 
 from localcredit.bench.speed_suite import images
 from localcredit.experiment import RunSpec, build_rule
@@ -63,13 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"| `{name}` | {median[name]:.2f} | {median[name] - median.get('bp', 0.0):+.2f} |")
     if args.out:
-        report = {"command": "PYTHONPATH=. .venv/bin/python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-                  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  "threads": 1, "batch": batch, "hidden": hidden, "rounds": args.rounds,
-                  "load_average": {"before": load_before, "after": os.getloadavg()[0]}, "torch": torch.__version__,
-                  "ms_per_step": median}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_report(args.out, argv, load_before, {"threads": 1, "batch": batch, "hidden": hidden,
+                                                   "rounds": args.rounds, "ms_per_step": median})
     return 0
 
 

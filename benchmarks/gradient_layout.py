@@ -41,6 +41,16 @@ def keep_layout(on: bool) -> None:
     feedback.in_layout_of = attention.in_layout_of = KEEPING[1] if on else (lambda values, like: values)
 
 
+def write_report(out: Path, argv: list[str] | None, load_before: float, fields: dict) -> None:
+    """``out`` as JSON: ``fields`` after the command that made them, the date, the 1-minute load average
+    before and after, and torch's version (fixed_step_cost.py writes its report with this too)."""
+    report = {"command": "PYTHONPATH=. .venv/bin/python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "load_average": {"before": load_before, "after": os.getloadavg()[0]}, "torch": torch.__version__,
+              **fields}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None)
@@ -87,13 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         "kept_over_before": kept / before}
         print(f"| `{key}` | {kept:.1f} | {before:.1f} | {kept / bp:.3f} | {before / bp:.3f} | {kept / before:.3f} |")
     if args.out:
-        report = {"command": "PYTHONPATH=. .venv/bin/python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-                  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  "threads": 1, "batch": batch, "rounds": args.rounds, "network": suite.description,
-                  "load_average": {"before": load_before, "after": os.getloadavg()[0]}, "torch": torch.__version__,
-                  "rules": results}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_report(args.out, argv, load_before, {"threads": 1, "batch": batch, "rounds": args.rounds,
+                                                   "network": suite.description, "rules": results})
     return 0
 
 
