@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..nets.layout import in_layout_of
 from ..rules.base import Rule, StepFigures
 from .parallel import Rank, _Agreeing, _buckets, all_reduce_flat, broadcast_state
 from .progress import EpochProgress
@@ -136,7 +137,10 @@ class GradientBuckets:
             offset = 0
             for p, had in zip(bucket.params, bucket.had_grad):
                 if had:  # the same parameters lack a gradient in every process, and keep lacking it
-                    p.grad = bucket.flat[offset:offset + p.numel()].view_as(p)
+                    # In the parameter's own layout (a copy for a channels-last weight): torch's fused
+                    # Adam reads a gradient's memory as if laid out as its parameter's, so a default-layout
+                    # gradient of a channels-last weight would update the wrong entries.
+                    p.grad = in_layout_of(bucket.flat[offset:offset + p.numel()].view_as(p), p)
                 offset += p.numel()
         bucket.flat = bucket.work = bucket.had_grad = None
 
