@@ -128,7 +128,9 @@ class OptimConfig:
     def make(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer == "adam":
             # The fused kernel is one pass over the weights: measured here it halves Adam's share
-            # of a 784-1000-10 epoch (the step costs as much as forward + backward otherwise).
+            # of a 784-1000-10 epoch (the step costs as much as forward + backward otherwise). It reads
+            # each gradient's memory as if laid out as its parameter's (torch 2.13, unchecked): code that
+            # sets p.grad must keep p's strides (nets/layout.in_layout_of; training/data_parallel.py).
             return torch.optim.Adam(params, lr=self.lr or DEFAULT_LR["adam"], weight_decay=self.weight_decay, fused=True)
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr or DEFAULT_LR["sgd"], momentum=self.momentum,
