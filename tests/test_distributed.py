@@ -22,6 +22,8 @@ import torch
 from localcredit.cli import main
 from localcredit.data import load
 from localcredit.experiment import RunSpec, build_rule
+from localcredit.nets.architectures import NetSpec
+from localcredit.spec import to_argv
 from localcredit.training import data_parallel
 from localcredit.training.block_parallel import partition
 from localcredit.training.config import TrainConfig
@@ -119,7 +121,6 @@ def test_data_parallel_equals_one_process_after_one_step(npz, tmp_path):
     assert spawned.stdout.count("test_accuracy") == 1, "only rank 0 prints the summary"
 
 
-
 def test_averaged_gradients_keep_their_parameters_layout():
     # torch's fused Adam (CPU) reads a gradient's memory as if laid out as its parameter's: a
     # default-layout gradient of a channels-last weight would update the wrong entries.
@@ -143,8 +144,8 @@ def test_data_parallel_adam_on_a_channels_last_net_equals_one_process(npz, tmp_p
     # near zero may take the other sign from the other summation order, so a few may differ by 2 lr;
     # updates applied to the wrong entries (above) differ in about half of every conv weight.
     network = dict(arch="vgg", channels="4,M,8,M", norm="none")
-    options = ["--rule", "bp", "--data", npz, "--arch", "vgg", "--channels", "4,M,8,M", "--norm", "none",
-               "--hidden", "16", "--epochs", "1", "--batch-size", "101", "--limit-train", "101"]
+    options = ["--rule", "bp", "--data", npz, *to_argv(NetSpec(**network, hidden=[16])),
+               "--epochs", "1", "--batch-size", "101", "--limit-train", "101"]
     (spawned,) = run_all(train_command(*options, "--procs", "2", "--out", "spawned"), cwd=tmp_path)
     ok(spawned)
     single_process_run(npz, tmp_path / "single", "bp", [16], epochs=1, batch_size=101, limit=101, **network)
@@ -153,6 +154,7 @@ def test_data_parallel_adam_on_a_channels_last_net_equals_one_process(npz, tmp_p
     for key, value in want.items():
         differing = ((got[key] - value).abs() > 1e-4).float().mean().item()
         assert differing < 0.05, f"{key}: {differing:.0%} of the entries differ"
+
 
 BN_NET = dict(arch="vgg", channels="4,M,8,M", hidden=[16])  # BatchNorm2d and BatchNorm1d in every block
 
