@@ -298,7 +298,7 @@ def test_other_nets_keep_the_default_layout(fashion_small):
 
 
 class _MixedLayouts(TorchDispatchMode):
-    """Records the backward kernels of pooling, batch norm and ReLU that get 4-d maps in both layouts
+    """Records the backward kernels of pooling, batch norm, ReLU and convolution that get 4-d maps in both layouts
     (a gradient in the default layout beside a channels-last map: torch's slow path, nets/layout.py)."""
 
     WATCHED = ("max_pool2d_with_indices_backward", "native_batch_norm_backward", "_adaptive_avg_pool2d_backward",
